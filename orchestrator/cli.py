@@ -1,0 +1,154 @@
+"""The `taalm` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trainables.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Continual knowledge learning (TAALM and baselines): runs, tailoring, studies.")
+data_app = typer.Typer(no_args_is_help=True, help="LAMA-CKL data: validate, tailor to a model.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+SET_HELP = "Override a config key: dotted.key=value (repeatable)."
+
+
+class RichProgress:
+    """A progress bar over training steps plus one line per evaluated epoch."""
+
+    def __init__(self, epochs: int):
+        from trainables.continual import Callback
+
+        outer = self
+
+        class _CB(Callback):
+            def on_run_start(self, info):
+                console.print(f"[bold]run[/] TO-LEARN {info['n_to_learn']} facts, NOT-TO-FORGET {info['n_ntf']}, "
+                              f"{info['n_trainable_params']:,} trainable parameters ({info['split']['origin']})")
+
+            def on_step(self, epoch, step, n_steps, loss):
+                outer.progress.update(outer.task, total=n_steps, completed=step + 1,
+                                      description=f"epoch {epoch}/{epochs} loss {loss:.3f}")
+
+            def on_epoch_end(self, r):
+                loss = "" if r.train_loss is None else f" loss {r.train_loss:.4f}"
+                console.print(f"epoch {r.epoch:>3}: TO-LEARN acc {r.to_learn_acc:.4f} (EM {r.to_learn_em:.3f})  "
+                              f"NTF acc {r.ntf_acc:.4f} (EM {r.ntf_em:.3f}){loss}  [{r.wall_seconds:.1f}s]")
+
+        self.callback = _CB()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=True)
+        self.task = self.progress.add_task("loading", total=None)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (metrics.json, checkpoint/)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(True, help="Resume from DIR/checkpoint when it exists."),
+):
+    """Run one continual-update run on LAMA-CKL and write OUT/metrics.json."""
+    from trainables.config import load_config
+
+    cfg = load_config(config, set_)  # validated before anything is created
+    from trainables.continual import continual_update
+
+    ui = RichProgress(cfg.train.epochs)
+    with ui.progress:
+        metrics = continual_update(cfg, out_dir=out, callbacks=[ui.callback], resume=resume)
+    console.print(f"[bold green]done[/] Top Acc {metrics['top_acc']:.4f} (epoch {metrics['top_epoch']}), "
+                  f"NF Acc {_fmt(metrics['nf_acc'])}, Total Knowledge {_fmt(metrics['total_knowledge'])}, "
+                  f"{metrics['wall_seconds']:.1f}s -> {out / 'metrics.json'}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:.4f}"
+
+
+@data_app.command("validate")
+def data_validate(directory: Optional[Path] = typer.Argument(None, help="LAMA-CKL directory (default: shipped)")):
+    """Validate every LAMA-CKL record (file:line and field on the first error)."""
+    from trainables.data import load_lama
+
+    lama = load_lama(directory)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in lama.facts.items())
+    console.print(f"ok: {lama.dir} ({sizes}), data hash {lama.hash}")
+
+
+@data_app.command("tailor")
+def data_tailor(
+    model: str = typer.Option(..., "--model", help="tiny | smollm2-135m | hf:<id> | a local path"),
+    out: Path = typer.Option(..., "--out", help="Directory for split.json and scores.json"),
+    task: str = typer.Option("descriptive", help="descriptive | schematic"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="LAMA-CKL directory (default: shipped)"),
+    to_learn_size: Optional[int] = typer.Option(None, help="Subsample TO-LEARN to this many facts"),
+    ntf_size: Optional[int] = typer.Option(None, help="Subsample NOT-TO-FORGET to this many facts"),
+    ta_pool_size: Optional[int] = typer.Option(None, help="Subsample the Train-Attention pool"),
+    max_doc_tokens: Optional[int] = typer.Option(None, help="Drop trained-on facts with longer evidence"),
+    seed: int = typer.Option(0, help="Subsampling seed"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Score every fact with MODEL and write the TO-LEARN / NOT-TO-FORGET / Train-Attention split."""
+    from trainables.config import load_config
+
+    overrides = [f"model.name={model}", f"data.task={task}", f"data.seed={seed}", "data.split=tailored"]
+    for key, val in (("data.dir", data_dir), ("data.to_learn_size", to_learn_size), ("data.ntf_size", ntf_size),
+                     ("data.max_doc_tokens", max_doc_tokens)):
+        if val is not None:
+            overrides.append(f"{key}={val}")
+    cfg = load_config(None, overrides + list(set_ or []))
+    if ta_pool_size is not None and ta_pool_size < 1:
+        raise InputError("--ta-pool-size", "must be >= 1")
+    from trainables.continual import resolve_device
+    from trainables.data import load_lama
+    from trainables.models import load_base_model, load_tokenizer
+    from trainables.tailor import build_split, write_split
+
+    lama = load_lama(cfg.data.dir)
+    tok = load_tokenizer(cfg.model)
+    device = resolve_device(cfg.device)
+    with Progress(TextColumn("scoring facts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as prog:
+        t = prog.add_task("score", total=None)
+        split = build_split(cfg.data, cfg.model, lama, tok, lambda: load_base_model(cfg.model, tok).to(device),
+                            cfg.eval.batch_size, device, ta_pool_size,
+                            progress=lambda done, total: prog.update(t, completed=done, total=total))
+    write_split(split, out, lama, cfg.data.task)
+    s = split.summary()
+    console.print(f"TO-LEARN {s['to_learn']}, NOT-TO-FORGET {s['ntf']}, Train-Attention pool {s['ta_pool']} "
+                  f"-> {out / 'split.json'}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except InputError as e:
+        console.print(f"[bold red]error[/]: {e.where}: {e.message}" if e.where else f"[bold red]error[/]: {e}",
+                      highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Checkpoints as safetensors + JSON (never pickle).
+
+A loop checkpoint is a directory with ``trainable.safetensors`` (the trainable parameters),
+``optimizer.safetensors`` (optimizer tensors, flattened), ``rng.safetensors`` (torch RNG state) and
+``state.json`` (epoch, history, optimizer hyper-parameters, Python RNG, config). It is written into a
+temporary directory and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import InputError
+
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+
+
+def json_safe(x: Any) -> Any:
+    """NaN/inf become null so the JSON is standard."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().clone()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_loop_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                         state: dict) -> None:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in trainable.items()}, str(tmp / FILES[0]))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(opt_tensors, str(tmp / FILES[1]))
+        save_file({"torch": torch.random.get_rng_state()}, str(tmp / FILES[2]))
+        py_state = random.getstate()
+        full = dict(state, optimizer=opt_meta, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
+        with open(tmp / FILES[3], "w") as fh:
+            json.dump(json_safe(full), fh, indent=1, allow_nan=False)
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_loop_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],
+                         optimizer: torch.optim.Optimizer) -> dict:
+    """Restore parameters, optimizer and RNG in place; return the JSON state."""
+    directory = Path(directory)
+    for f in FILES:
+        if not (directory / f).is_file():
+            raise InputError(str(directory / f), "checkpoint file missing")
+    try:
+        params = load_file(str(directory / FILES[0]))
+        opt_tensors = load_file(str(directory / FILES[1]))
+        rng = load_file(str(directory / FILES[2]))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(str(directory), f"corrupt checkpoint: {e}") from None
+    try:
+        state = json.loads((directory / FILES[3]).read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{directory / FILES[3]}:{e.lineno}", f"corrupt checkpoint state: {e.msg}") from None
+    if set(params) != set(trainable):
+        raise InputError(str(directory / FILES[0]),
+                         "checkpoint parameters do not match the model's trainable parameters")
+    with torch.no_grad():
+        for k, p in trainable.items():
+            if params[k].shape != p.shape:
+                raise InputError(str(directory / FILES[0]), f"shape mismatch for {k}")
+            p.copy_(params[k])
+    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state.pop("optimizer")))
+    torch.random.set_rng_state(rng["torch"])
+    py = state.pop("python_rng")
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    return state

@@ -1,0 +1,266 @@
+"""The run configuration: one pydantic schema, validated before anything starts.
+
+YAML files are loaded with :func:`load_config`, which keeps the line of every key so that a
+validation error names ``file:line (key.path)``. ``--set dotted.key=value`` overrides are applied
+before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Strict):
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+
+
+class ModelConfig(_Strict):
+    # "tiny" | "smollm2-135m" | "hf:<hub id or local path>" | a local directory
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    init_seed: int = 0  # seeds the random initialisation of `tiny`
+    allow_download: bool = False  # let transformers fetch a hub id (off: local files only)
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class ParamsConfig(_Strict):
+    """Which parameters of θ train (the parameterisation axis)."""
+
+    kind: Literal["lora", "full", "qlora"] = "lora"
+    r: int = Field(64, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+class DataConfig(_Strict):
+    dir: Optional[str] = None  # default: the shipped data/lama_ckl
+    task: Literal["descriptive", "schematic"] = "descriptive"
+    # tailored: score every fact with the base model (cached); release: the `scores` field of the
+    # release (`release_model`); file: a split.json written by `taalm data tailor`
+    split: Literal["tailored", "release", "file"] = "tailored"
+    split_file: Optional[str] = None
+    release_model: str = "llama_7b"
+    to_learn_size: Optional[int] = Field(None, ge=1)
+    ntf_size: Optional[int] = Field(None, ge=1)
+    # drop facts whose evidence is longer than this many tokens before subsampling (CPU-sized runs)
+    max_doc_tokens: Optional[int] = Field(None, ge=4)
+    seed: int = 0  # subsampling seed
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    max_length: int = Field(512, ge=8)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+
+
+class Rho1Options(_Strict):
+    # fraction of tokens dropped: keep the top (1 - k) by excess loss (release: k = 0.6)
+    k: float = Field(0.6, gt=0.0, lt=1.0)
+
+
+class RandomOptions(_Strict):
+    mode: Literal["uniform", "bernoulli"] = "bernoulli"
+    p: float = Field(0.5, ge=0.0, le=1.0)  # Bernoulli mean when `match` is unset
+    # a reference scheme whose per-sequence mean weight the Bernoulli weights copy
+    match: Optional[str] = None
+
+
+class TrainAttentionOptions(_Strict):
+    phi: Optional[str] = None  # a φ checkpoint directory (written by `taalm meta-train`)
+
+
+class WeightingConfig(_Strict):
+    # one scheme, or several multiplied together: "train_attention*known_mask" or a list
+    scheme: Union[str, list[str]] = "uniform"
+    rho1: Rho1Options = Rho1Options()
+    random: RandomOptions = RandomOptions()
+    train_attention: TrainAttentionOptions = TrainAttentionOptions()
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_schemes(cls, v):
+        from .weighting import SCHEMES  # late import: weighting imports torch
+
+        for name in scheme_names(v):
+            if name not in SCHEMES:
+                raise ValueError(f"unknown weighting scheme {name!r}; known: {', '.join(SCHEMES.names())}")
+        return v
+
+    @field_validator("random")
+    @classmethod
+    def _known_match(cls, v):
+        from .weighting import SCHEMES
+
+        if v.match is not None and (v.match not in SCHEMES or v.match == "random"):
+            raise ValueError(f"random.match must name another scheme; known: {', '.join(SCHEMES.names())}")
+        return v
+
+
+def scheme_names(scheme: Union[str, list[str]]) -> list[str]:
+    parts = scheme if isinstance(scheme, list) else str(scheme).split("*")
+    names = [p.strip() for p in parts]
+    if not names or any(not n for n in names):
+        raise ValueError(f"empty weighting scheme name in {scheme!r}")
+    return names
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(1, ge=0)  # epochs between checkpoints; 0 = never
+
+
+class RunConfig(_Strict):
+    seed: int = 0
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    model: ModelConfig = ModelConfig()
+    params: ParamsConfig = ParamsConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    weighting: WeightingConfig = WeightingConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers, overrides, validation with locations
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that records the line of every mapping key, by key path."""
+
+
+def _compose_lines(node: yaml.Node, path: tuple, lines: dict) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            lines[path + (key,)] = k.start_mark.line + 1
+            _compose_lines(v, path + (key,), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines[path + (i,)] = v.start_mark.line + 1
+            _compose_lines(v, path + (i,), lines)
+
+
+def load_yaml(path: str | Path) -> tuple[dict, dict]:
+    """Load a YAML mapping safely; return (data, {key path tuple: line})."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(str(p), "no such file")
+    text = p.read_text()
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise InputError(where, f"YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{p}:1", "the file must hold a YAML mapping (key: value lines)")
+    lines: dict = {}
+    if node is not None:
+        _compose_lines(node, (), lines)
+    return data, lines
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> set[tuple]:
+    """Apply ``dotted.key=value`` overrides in place; values are parsed as YAML scalars/lists."""
+    touched: set[tuple] = set()
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"--set {item}", "expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise InputError(f"--set {item}", "empty key component")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise InputError(f"--set {item}", f"cannot parse value: {e}") from None
+        cur = data
+        for part in parts[:-1]:
+            nxt = cur.get(part)
+            if nxt is None:
+                nxt = cur[part] = {}
+            if not isinstance(nxt, dict):
+                raise InputError(f"--set {item}", f"{part!r} is not a mapping")
+            cur = nxt
+        cur[parts[-1]] = value
+        touched.add(tuple(parts))
+    return touched
+
+
+def _where(source: str, loc: tuple, lines: dict, touched: set[tuple]) -> str:
+    dotted = ".".join(str(x) for x in loc)
+    if not source:
+        return dotted
+    for n in range(len(loc), 0, -1):
+        if tuple(loc[:n]) in touched:
+            return f"--set {dotted}"
+        if tuple(loc[:n]) in lines:
+            return f"{source}:{lines[tuple(loc[:n])]} ({dotted})"
+    return f"{source} ({dotted})"
+
+
+def validate(schema: type[BaseModel], data: dict, source: str = "", lines: dict | None = None,
+             touched: set[tuple] | None = None):
+    """Validate ``data`` against ``schema``; the first error becomes an :class:`InputError`."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "union["))))
+        # pydantic adds the branch name (e.g. 'str', 'list[str]') for unions: drop type tags
+        loc = tuple(x for x in loc if x not in ("str", "list[str]", "int", "float"))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if len(e.errors()) > 1:
+            msg += f" (and {len(e.errors()) - 1} more error(s))"
+        raise InputError(_where(source, loc, lines or {}, touched or set()), msg) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                schema: type[BaseModel] = RunConfig):
+    """Read a YAML file (or nothing), apply overrides, validate: the one entry point for configs."""
+    if path is None:
+        data, lines, source = {}, {}, ""
+    else:
+        data, lines = load_yaml(path)
+        source = str(path)
+    touched = apply_overrides(data, overrides)
+    return validate(schema, data, source, lines, touched)
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

