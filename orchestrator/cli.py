@@ -135,7 +135,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         app(args=argv, standalone_mode=False)
     except InputError as e:
         console.print(f"[bold red]error[/]: {e.where}: {e.message}" if e.where else f"[bold red]error[/]: {e}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

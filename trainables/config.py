@@ -224,9 +224,11 @@ def _where(source: str, loc: tuple, lines: dict, touched: set[tuple]) -> str:
     dotted = ".".join(str(x) for x in loc)
     if not source:
         return dotted
-    for n in range(len(loc), 0, -1):
-        if tuple(loc[:n]) in touched:
+    for t in touched:
+        n = min(len(t), len(loc))
+        if n and tuple(t[:n]) == tuple(loc[:n]):
             return f"--set {dotted}"
+    for n in range(len(loc), 0, -1):
         if tuple(loc[:n]) in lines:
             return f"{source}:{lines[tuple(loc[:n])]} ({dotted})"
     return f"{source} ({dotted})"
@@ -242,7 +244,7 @@ def validate(schema: type[BaseModel], data: dict, source: str = "", lines: dict 
         loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "union["))))
         # pydantic adds the branch name (e.g. 'str', 'list[str]') for unions: drop type tags
         loc = tuple(x for x in loc if x not in ("str", "list[str]", "int", "float"))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         if len(e.errors()) > 1:

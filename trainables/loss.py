@@ -17,8 +17,10 @@ def prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """l_t = -log p(x_{t+1} | x_{<=t}) for t = 0..T-2, as a [B, T-1] tensor, 0 on padding."""
     logits = logits[:, :-1, :]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # half-precision logits: the loss is computed in float32
     targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     nll = nll.view(targets.shape)
     return nll * prediction_mask(attention_mask).to(nll.dtype)
 

@@ -1,0 +1,127 @@
+"""LAMA-CKL loading, validation errors with file:line, and the split."""
+
+import json
+import shutil
+
+import pytest
+
+from trainables.data import DEFAULT_LAMA_DIR, LAMA_FILES, load_lama, load_split_file, make_split, release_scores
+from trainables.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def lama():
+    return load_lama()
+
+
+def test_shipped_data_loads(lama):
+    assert {k: len(v) for k, v in lama.facts.items()} == {
+        "variant": 500, "invariant_descriptive": 500, "invariant_schematic": 500}
+    assert lama.tables["variant"].num_rows == 500
+    assert len(lama.hash) == 16
+    # the two invariant files share some facts: all_facts holds each uuid once
+    uuids = [f.uuid for f in lama.all_facts()]
+    assert len(uuids) == len(set(uuids))
+
+
+def _copy(tmp_path):
+    d = tmp_path / "lama"
+    shutil.copytree(DEFAULT_LAMA_DIR, d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    return d
+
+
+def _replace_line(path, lineno, text):
+    lines = path.read_text().splitlines()
+    lines[lineno - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    d = _copy(tmp_path)
+    _replace_line(d / "variant.jsonl", 7, '{"uuid": "x", ')
+    with pytest.raises(InputError) as e:
+        load_lama(d)
+    assert e.value.where == f"{d / 'variant.jsonl'}:7"
+    assert "malformed JSON" in e.value.message
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    d = _copy(tmp_path)
+    p = d / "invariant_schematic.jsonl"
+    rec = json.loads(p.read_text().splitlines()[41])
+    del rec["evidence"]
+    _replace_line(p, 42, json.dumps(rec))
+    with pytest.raises(InputError) as e:
+        load_lama(d)
+    assert e.value.where == f"{p}:42"
+    assert "'evidence'" in e.value.message and "missing" in e.value.message
+
+
+def test_wrong_type_and_empty_object(tmp_path):
+    d = _copy(tmp_path)
+    p = d / "variant.jsonl"
+    rec = json.loads(p.read_text().splitlines()[0])
+    rec["object"] = "  "
+    _replace_line(p, 1, json.dumps(rec))
+    with pytest.raises(InputError, match="'object'"):
+        load_lama(d)
+    rec["object"] = ["Brazil"]
+    _replace_line(p, 1, json.dumps(rec))
+    with pytest.raises(InputError, match=r"variant.jsonl:1"):
+        load_lama(d)
+
+
+def test_missing_file_and_dir(tmp_path):
+    d = _copy(tmp_path)
+    (d / LAMA_FILES[1]).unlink()
+    with pytest.raises(InputError, match="data file not found"):
+        load_lama(d)
+    with pytest.raises(InputError, match="not found"):
+        load_lama(tmp_path / "nope")
+
+
+def test_split_rules_and_disjointness(lama):
+    scores = release_scores(lama, "descriptive", "llama_7b")
+    s = make_split(lama, scores, "descriptive", "release")
+    tl, ntf, pool = ({f.uuid for f in x} for x in (s.to_learn, s.ntf, s.ta_pool))
+    assert tl and ntf and pool
+    assert not (tl & ntf) and not (tl & pool) and not (ntf & pool)
+    assert all(f.source == "variant" and scores[f.uuid] == 0 for f in s.to_learn)
+    assert all(f.source == "invariant_descriptive" and scores[f.uuid] == 1 for f in s.ntf)
+    assert all(scores[f.uuid] < 0.5 for f in s.ta_pool)
+
+
+def test_crafted_scores_split(lama):
+    v = lama.facts["variant"]
+    inv = lama.facts["invariant_descriptive"]
+    scores = {f.uuid: 1.0 for f in lama.all_facts()}
+    scores.update({v[0].uuid: 0.0, v[1].uuid: 0.25, v[2].uuid: 0.5, inv[0].uuid: 0.0})
+    s = make_split(lama, scores, "descriptive", "crafted")
+    assert [f.uuid for f in s.to_learn] == [v[0].uuid]
+    assert {f.uuid for f in s.ta_pool} == {v[1].uuid, inv[0].uuid}  # 0.5 is not < 0.5
+    assert v[2].uuid not in {f.uuid for f in s.ntf}  # variant facts are never NOT-TO-FORGET
+    assert len(s.ntf) == sum(1 for f in inv if scores[f.uuid] == 1.0)
+
+
+def test_seeded_subsampling(lama):
+    scores = release_scores(lama, "descriptive", "llama_7b")
+    a = make_split(lama, scores, "descriptive", "r", to_learn_size=10, ntf_size=5, seed=3)
+    b = make_split(lama, scores, "descriptive", "r", to_learn_size=10, ntf_size=5, seed=3)
+    c = make_split(lama, scores, "descriptive", "r", to_learn_size=10, ntf_size=5, seed=4)
+    assert [f.uuid for f in a.to_learn] == [f.uuid for f in b.to_learn]
+    assert [f.uuid for f in a.to_learn] != [f.uuid for f in c.to_learn]
+    assert len(a.to_learn) == 10 and len(a.ntf) == 5
+
+
+def test_split_file_roundtrip_and_errors(lama, tmp_path):
+    scores = release_scores(lama, "descriptive", "llama_7b")
+    s = make_split(lama, scores, "descriptive", "r", to_learn_size=4, ntf_size=3)
+    p = tmp_path / "split.json"
+    p.write_text(json.dumps(s.to_json()))
+    back = load_split_file(lama, p)
+    assert [f.uuid for f in back.to_learn] == [f.uuid for f in s.to_learn]
+    p.write_text(json.dumps(dict(s.to_json(), ntf=["not-a-uuid"])))
+    with pytest.raises(InputError, match="not-a-uuid"):
+        load_split_file(lama, p)

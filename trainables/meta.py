@@ -1,0 +1,327 @@
+"""Meta-learning Train-Attention φ (ALGORITHM.md §4), with torch.func.functional_call on parameter dicts.
+
+Per meta-example (document D, probe T_D with its object tokens):
+
+1. θ starts from θ_0 (its trainable parameters at initialisation; every example starts there);
+2. w = sigmoid(φ(D)), once, with gradient to φ;
+3. ``dummy_loop`` updates of θ on L_w(θ; D, w) with w detached and no graph (first-order), then
+   ``inner_steps`` updates through a functional optimizer WITH the graph, so θ' is a function of w;
+4. the objective on θ' (``phi_loss``: NLL of T_D's object tokens; ``change3`` / ``change2``: cubed /
+   signed-squared change of T_D's token losses from θ_0), plus optionally λ·|Δ loss| on an unrelated probe;
+5. its gradient w.r.t. φ's trainable parameters, averaged over a meta-batch, feeds AdamW on φ.
+
+The meta-gradient is the exact derivative of that objective with the dummy-phase θ held fixed
+(what the first-order dummy loop means); tests check it against central finite differences.
+"""
+
+from __future__ import annotations
+
+import html
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+from pydantic import Field
+from torch.func import functional_call
+
+from .checkpoint import write_json_atomic
+from .config import DataConfig, ModelConfig, ParamsConfig, _Strict, config_to_dict
+from .continual import resolve_device, seed_everything
+from .data import Fact, load_lama
+from .encode import EncodedDoc, collate, encode_document
+from .errors import InputError
+from .functional_optim import INNER_OPTIMIZERS, detach_state
+from .loss import token_nll, weighted_loss
+from .metrics import EncodedProbe, encode_probe, mean, probe_scores
+from .models import apply_params, load_base_model, load_tokenizer, trainable_parameters
+from .tailor import build_split
+from .train_attention import PhiConfig, TrainAttention, build_phi, phi_trainable, save_phi
+
+
+class MetaOptions(_Strict):
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(16, ge=1)  # meta-batch: examples whose φ-gradients are averaged
+    lr: float = Field(2e-4, gt=0)  # AdamW on φ
+    weight_decay: float = Field(0.0, ge=0)
+    inner_optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    inner_lr: float = Field(2e-4, gt=0)
+    dummy_loop: int = Field(1, ge=0)
+    inner_steps: int = Field(1, ge=1)
+    objective: Literal["phi_loss", "change3", "change2"] = "phi_loss"
+    restrict_unrelated: float = Field(0.0, ge=0)  # λ of |l(θ') - l(θ_0)| on an unrelated probe
+    max_length: int = Field(512, ge=8)
+    val_every: int = Field(10, ge=1)
+    val_size: int = Field(16, ge=1)
+    val_dummy_loop: int = Field(3, ge=0)  # validation trains val_dummy_loop + 1 epochs
+    val_batch_size: int = Field(8, ge=1)
+    pool_size: Optional[int] = Field(None, ge=2)  # subsample the Train-Attention pool
+
+
+class MetaConfig(_Strict):
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = ModelConfig()
+    params: ParamsConfig = ParamsConfig(kind="lora", r=8, alpha=16, dropout=0.0)
+    phi: PhiConfig = PhiConfig()
+    data: DataConfig = DataConfig()
+    meta: MetaOptions = MetaOptions()
+    task: Literal["descriptive", "schematic"] = "descriptive"
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetaExample:
+    fact: Fact
+    doc: dict  # input_ids, attention_mask, object_mask: [1, T]
+    probe: EncodedProbe
+    probe_ids: torch.Tensor  # [1, P]
+    probe_mask: torch.Tensor  # [1, P]
+    object_targets: torch.Tensor  # [1, P-1] float: 1 where position t predicts an object token
+
+
+def make_example(tokenizer, fact: Fact, task: str, max_length: int, device) -> MetaExample:
+    doc = collate([encode_document(tokenizer, fact.evidence, fact.object, max_length)], tokenizer.pad_token_id)
+    probe = encode_probe(tokenizer, fact.probe(task), fact.object, where=f"{fact.source}.jsonl:{fact.line}")
+    ids = torch.tensor([probe.input_ids])
+    tgt = torch.zeros(1, ids.size(1) - 1)
+    for p in probe.positions:
+        tgt[0, p - 1] = 1.0
+    return MetaExample(fact, {k: v.to(device) for k, v in doc.items()}, probe, ids.to(device),
+                       torch.ones_like(ids).to(device), tgt.to(device))
+
+
+class Inner:
+    """θ as a function of a parameter dict: the weighted LM loss and probe losses, via functional_call."""
+
+    def __init__(self, model: torch.nn.Module, theta0: dict[str, torch.Tensor], opts: MetaOptions):
+        self.model = model
+        self.theta0 = {k: v.detach().clone() for k, v in theta0.items()}
+        self.keys = list(self.theta0)
+        self.opts = opts
+        cls = INNER_OPTIMIZERS.get(opts.inner_optimizer, "meta.inner_optimizer")
+        self.optimizer = cls(lr=opts.inner_lr)
+
+    def nll(self, params, ids, mask) -> torch.Tensor:
+        logits = functional_call(self.model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
+        return token_nll(logits, ids, mask)
+
+    def doc_loss(self, params, doc, w) -> torch.Tensor:
+        return weighted_loss(self.nll(params, doc["input_ids"], doc["attention_mask"]), w)
+
+    def _grads(self, loss, params, create_graph):
+        g = torch.autograd.grad(loss, [params[k] for k in self.keys], create_graph=create_graph)
+        return dict(zip(self.keys, g))
+
+    def dummy_phase(self, doc, w: torch.Tensor, start: Optional[dict] = None):
+        """``dummy_loop`` first-order updates with detached weights; returns (params, optimizer state)."""
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in (start or self.theta0).items()}
+        state = self.optimizer.init(params)
+        for _ in range(self.opts.dummy_loop):
+            g = self._grads(self.doc_loss(params, doc, w.detach()), params, create_graph=False)
+            with torch.no_grad():
+                params, state = self.optimizer.step(params, g, state)
+            params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            state = detach_state(state)
+        return params, state
+
+    def differentiable_phase(self, params, state, doc, w: torch.Tensor):
+        """``inner_steps`` updates that keep the graph: the result is a function of w."""
+        for _ in range(self.opts.inner_steps):
+            g = self._grads(self.doc_loss(params, doc, w), params, create_graph=True)
+            params, state = self.optimizer.step(params, g, state)
+        return params
+
+    def objective(self, params, ex: MetaExample, unrelated: Optional[MetaExample] = None) -> torch.Tensor:
+        o = self.opts
+        nll = self.nll(params, ex.probe_ids, ex.probe_mask)
+        if o.objective == "phi_loss":
+            obj = (nll * ex.object_targets).sum() / ex.object_targets.sum()
+        else:
+            with torch.no_grad():
+                base = self.nll(self.theta0, ex.probe_ids, ex.probe_mask)
+            d = nll - base
+            n = ex.probe_mask[:, 1:].sum()
+            obj = (d ** 3).sum() / n if o.objective == "change3" else (d * d.abs()).sum() / n
+        if o.restrict_unrelated and unrelated is not None:
+            u = self.nll(params, unrelated.probe_ids, unrelated.probe_mask)
+            with torch.no_grad():
+                u0 = self.nll(self.theta0, unrelated.probe_ids, unrelated.probe_mask)
+            obj = obj + o.restrict_unrelated * (u - u0).abs().sum() / unrelated.probe_mask[:, 1:].sum()
+        return obj
+
+
+def meta_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample],
+                  unrelated: Sequence[Optional[MetaExample]] = ()) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean objective over the meta-batch and its gradient w.r.t. φ's trainable parameters."""
+    phi_params = phi_trainable(phi)
+    names = list(phi_params)
+    total = {k: torch.zeros_like(p) for k, p in phi_params.items()}
+    objs = []
+    for i, ex in enumerate(batch):
+        w = phi.weights(ex.doc["input_ids"], ex.doc["attention_mask"]).to(next(iter(inner.theta0.values())).dtype)
+        params, state = inner.dummy_phase(ex.doc, w)
+        params = inner.differentiable_phase(params, state, ex.doc, w)
+        obj = inner.objective(params, ex, unrelated[i] if i < len(unrelated) else None)
+        grads = torch.autograd.grad(obj, [phi_params[k] for k in names], allow_unused=True)
+        for k, g in zip(names, grads):
+            if g is not None:
+                total[k] += g.detach() / len(batch)
+        objs.append(obj.item())
+    return mean(objs), total
+
+
+class _FunctionalLM(torch.nn.Module):
+    """``model`` evaluated at a parameter dict (for probe_scores)."""
+
+    def __init__(self, model, params):
+        super().__init__()
+        self.inner_model, self.params = model, params
+
+    def forward(self, input_ids, attention_mask):
+        return functional_call(self.inner_model, self.params, args=(),
+                               kwargs={"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def validate_phi(inner: Inner, phi: TrainAttention, examples: Sequence[MetaExample], tokenizer, device) -> dict:
+    """θ_0 trained on the held-out evidence with φ's weights for val_dummy_loop + 1 epochs, then probe
+    accuracy; also the mean weight on object tokens vs the rest of the documents."""
+    o = inner.opts
+    docs = [EncodedDoc(ex.doc["input_ids"][0].tolist(), ex.doc["object_mask"][0].tolist()) for ex in examples]
+    params = {k: v.detach().clone() for k, v in inner.theta0.items()}
+    state = inner.optimizer.init(params)
+    obj_w, other_w = [], []
+    for epoch in range(o.val_dummy_loop + 1):
+        for i in range(0, len(docs), o.val_batch_size):
+            b = {k: v.to(device) for k, v in collate(docs[i:i + o.val_batch_size], tokenizer.pad_token_id).items()}
+            with torch.no_grad():
+                w = phi.weights(b["input_ids"], b["attention_mask"])
+            if epoch == 0:
+                real = b["attention_mask"][:, 1:].bool() & b["attention_mask"][:, :-1].bool()
+                is_obj = b["object_mask"][:, 1:].bool() & real
+                obj_w += w[is_obj].tolist()
+                other_w += w[real & ~is_obj].tolist()
+            p = {k: v.requires_grad_(True) for k, v in params.items()}
+            g = inner._grads(inner.doc_loss(p, b, w.to(next(iter(p.values())).dtype)), p, create_graph=False)
+            with torch.no_grad():
+                params, state = inner.optimizer.step({k: v.detach() for k, v in p.items()}, g, state)
+    scores = probe_scores(_FunctionalLM(inner.model, params), [ex.probe for ex in examples],
+                          tokenizer.pad_token_id, 32, device)
+    ratio = mean(obj_w) / mean(other_w) if other_w and mean(other_w) > 0 else float("nan")
+    return {"val_acc": mean([a for a, _ in scores]), "val_em": mean([e for _, e in scores]),
+            "object_weight": mean(obj_w), "other_weight": mean(other_w), "object_weight_ratio": ratio}
+
+
+def heatmap_html(phi: TrainAttention, tokenizer, examples: Sequence[MetaExample], title: str) -> str:
+    """Token weights of validation documents as an HTML page (object tokens underlined)."""
+    rows = []
+    for ex in examples:
+        ids = ex.doc["input_ids"]
+        with torch.no_grad():
+            w = phi.weights(ids, ex.doc["attention_mask"])[0].tolist()
+        toks = ids[0].tolist()
+        obj = ex.doc["object_mask"][0].tolist()
+        spans = [f'<span title="first token">{html.escape(tokenizer.decode([toks[0]]))}</span>']
+        for t in range(1, len(toks)):
+            a = w[t - 1]
+            style = f"background: rgba(220,50,30,{a:.3f});" + ("text-decoration: underline;" if obj[t] else "")
+            spans.append(f'<span style="{style}" title="{a:.3f}">{html.escape(tokenizer.decode([toks[t]]))}</span>')
+        rows.append(f"<p><b>{html.escape(ex.fact.subject)} / {html.escape(ex.fact.relation)} / "
+                    f"{html.escape(ex.fact.object)}</b><br>{''.join(spans)}</p>")
+    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<h3>{html.escape(title)}</h3><p>Colour = Train-Attention weight of predicting that token "
+            f"(object tokens underlined).</p>{''.join(rows)}")
+
+
+def prepare_meta(cfg: MetaConfig, progress=None):
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    lama = load_lama(cfg.data.dir)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_base_model(cfg.model, tokenizer, cfg.params).to(device)
+    data_cfg = cfg.data.model_copy(update={"task": cfg.task})
+    split = build_split(data_cfg, cfg.model, lama, tokenizer, lambda: base, 32, device,
+                        ta_pool_size=cfg.meta.pool_size, progress=progress)
+    pool = list(split.ta_pool)
+    if len(pool) < cfg.meta.val_size + 1:
+        raise InputError("meta.val_size", f"the Train-Attention pool has {len(pool)} facts; "
+                                          f"need more than val_size={cfg.meta.val_size}")
+    random.Random(cfg.seed).shuffle(pool)
+    val_facts, train_facts = pool[:cfg.meta.val_size], pool[cfg.meta.val_size:]
+    seed_everything(cfg.seed)
+    model = apply_params(base, cfg.params).to(device)
+    model.eval()  # no dropout inside the meta-objective: its gradient is deterministic
+    theta0 = {k: v.detach().clone() for k, v in trainable_parameters(model).items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    phi = build_phi(cfg.phi, cfg.model, tokenizer, seed=cfg.seed + 1).to(device)
+    phi.train()
+    mk = lambda f: make_example(tokenizer, f, cfg.task, cfg.meta.max_length, device)  # noqa: E731
+    return {"device": device, "tokenizer": tokenizer, "model": model, "theta0": theta0, "phi": phi,
+            "train": [mk(f) for f in train_facts], "val": [mk(f) for f in val_facts], "split": split,
+            "data_hash": lama.hash}
+
+
+def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
+               on_step: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train φ; write OUT/phi/ (best φ by validation accuracy), OUT/meta_metrics.json, OUT/heatmap.html."""
+    t0 = time.perf_counter()
+    out = Path(out_dir) if out_dir else None
+    s = prepare_meta(cfg)
+    phi, tokenizer, device = s["phi"], s["tokenizer"], s["device"]
+    inner = Inner(s["model"], s["theta0"], cfg.meta)
+    opt = torch.optim.AdamW(list(phi_trainable(phi).values()), lr=cfg.meta.lr, weight_decay=cfg.meta.weight_decay)
+    rng = random.Random(cfg.seed)
+    history = {"step": [], "objective": [], "seconds": []}
+    checks: list[dict] = []
+    best = {"val_acc": -1.0, "step": None}
+
+    def check(step: int):
+        phi.eval()
+        v = validate_phi(inner, phi, s["val"], tokenizer, device)
+        phi.train()
+        v["step"] = step
+        checks.append(v)
+        if v["val_acc"] > best["val_acc"]:
+            best.update(val_acc=v["val_acc"], step=step, object_weight_ratio=v["object_weight_ratio"])
+            if out is not None:
+                save_phi(out / "phi", phi, cfg.phi, cfg.model, tokenizer, {
+                    "data_hash": s["data_hash"], "meta_config": config_to_dict(cfg), "step": step,
+                    "validation": v})
+        if on_step:
+            on_step({"validation": v})
+
+    check(0)
+    for step in range(1, cfg.meta.steps + 1):
+        ts = time.perf_counter()
+        batch = rng.sample(s["train"], min(cfg.meta.batch_size, len(s["train"])))
+        unrelated = [rng.choice(s["train"]) for _ in batch] if cfg.meta.restrict_unrelated else []
+        obj, grads = meta_gradient(inner, phi, batch, unrelated)
+        for k, p in phi_trainable(phi).items():
+            p.grad = grads[k]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history["step"].append(step)
+        history["objective"].append(obj)
+        history["seconds"].append(time.perf_counter() - ts)
+        if on_step:
+            on_step({"step": step, "objective": obj})
+        if step % cfg.meta.val_every == 0 or step == cfg.meta.steps:
+            check(step)
+
+    metrics = {"objective": history["objective"], "step_seconds": history["seconds"], "validation": checks,
+               "best_step": best["step"], "best_val_acc": best["val_acc"],
+               "wall_seconds": time.perf_counter() - t0, "n_train_examples": len(s["train"]),
+               "n_val_examples": len(s["val"]), "data_hash": s["data_hash"], "config": config_to_dict(cfg)}
+    if out is not None:
+        write_json_atomic(out / "meta_metrics.json", metrics)
+        from .train_attention import load_phi
+
+        best_phi, _ = load_phi(out / "phi", tokenizer, device)
+        (out / "heatmap.html").write_text(heatmap_html(best_phi, tokenizer, s["val"],
+                                                       f"Train-Attention weights (best step {best['step']})"))
+    return metrics
