@@ -71,6 +71,36 @@ def run(
                   f"{metrics['wall_seconds']:.1f}s -> {out / 'metrics.json'}")
 
 
+@app.command("meta-train")
+def meta_train_cmd(
+    config: Path = typer.Argument(..., help="Meta-training config (YAML)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (phi/, meta_metrics.json, heatmap.html)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Meta-train Train-Attention φ (TAALM) on the tailored Train-Attention pool."""
+    from trainables.config import load_config
+    from trainables.meta import MetaConfig, meta_train
+
+    cfg = load_config(config, set_, schema=MetaConfig)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as prog:
+        t = prog.add_task("meta-training", total=cfg.meta.steps)
+
+        def on_step(ev):
+            if "step" in ev:
+                prog.update(t, completed=ev["step"], description=f"meta-step objective {ev['objective']:.4f}")
+            else:
+                v = ev["validation"]
+                console.print(f"step {v['step']:>4}: validation acc {v['val_acc']:.4f}  "
+                              f"object/other weight {v['object_weight']:.3f}/{v['other_weight']:.3f}")
+
+        m = meta_train(cfg, out_dir=out, on_step=on_step)
+    f = m["objective_fixed_set"]
+    console.print(f"[bold green]done[/] best validation acc {m['best_val_acc']:.4f} at step {m['best_step']}; "
+                  f"objective on a fixed set {f['before']:.4f} -> {f['after']:.4f}; {m['wall_seconds']:.1f}s "
+                  f"-> {out / 'phi'}")
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or x != x else f"{x:.4f}"
 

@@ -130,3 +130,20 @@ def test_entry_point_exit_code(tmp_path):
     r = subprocess.run([str(exe), "run", str(TINY), "--out", str(tmp_path / "o"), "--set", "train.lr=-1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "train.lr" in r.stderr
+
+
+META = ROOT / "examples" / "meta_tiny.yaml"
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("meta.objective=change4", "(meta.objective)"),
+    ("meta.inner_optimizer=rmsprop", "(meta.inner_optimizer)"),
+    ("meta.dummy_loop=-1", "(meta.dummy_loop)"),
+    ("phi.params.kind=qlora2", "(phi.params.kind)"),
+    ("meta.val_size=100000", "meta.val_size"),
+])
+def test_meta_train_bad_input(override, fragment, tmp_path, capsys):
+    code, err = run_cli(["meta-train", str(META), "--out", str(tmp_path / "m"), "--set", override], capsys)
+    assert code == 2, err
+    assert fragment.strip("()") in err
+    assert not (tmp_path / "m").exists()

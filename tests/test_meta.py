@@ -88,3 +88,81 @@ def test_meta_gradient_matches_finite_differences(f64_setup, optimizer, lr, dumm
     numeric = (f_plus - f_minus) / (2 * eps)
     assert abs(analytic) > 1e-6, "the meta-gradient should not vanish in this setting"
     assert abs(analytic - numeric) / abs(numeric) < 1e-4, (analytic, numeric)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def meta_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("meta")
+    # 8 training examples, all in every meta-batch: the objective on them must go down
+    cfg = load_config(ROOT / "examples" / "meta_tiny.yaml",
+                      ["meta.steps=8", "meta.val_every=4", "meta.pool_size=12", "meta.batch_size=8", "meta.lr=1e-3"],
+                      schema=MetaConfig)
+    return out, meta_train(cfg, out_dir=out)
+
+
+def test_meta_training_lowers_the_objective(meta_run):
+    out, m = meta_run
+    fixed = m["objective_fixed_set"]
+    assert fixed["after"] < fixed["before"], fixed
+    assert fixed["before"] == pytest.approx(m["objective"][0])  # same 8 examples
+    assert min(m["objective"][1:]) < m["objective"][0]
+    assert len(m["objective"]) == 8 and [v["step"] for v in m["validation"]] == [0, 4, 8]
+    on_disk = json.loads((out / "meta_metrics.json").read_text())
+    assert on_disk["objective"] == m["objective"]
+    html = (out / "heatmap.html").read_text()
+    assert html.count("<p><b>") == m["n_val_examples"] and "rgba(220,50,30," in html
+
+
+def test_phi_checkpoint_roundtrip_and_errors(meta_run, tokenizer, tmp_path):
+    out, m = meta_run
+    phi, meta = load_phi(out / "phi", tokenizer)
+    assert meta["step"] == m["best_step"] and meta["data_hash"] == m["data_hash"]
+    ids = tokenizer(["Santiago is the capital of Chile ."], return_tensors="pt")
+    w = phi.weights(ids["input_ids"], ids["attention_mask"])
+    assert w.shape == (1, ids["input_ids"].shape[1] - 1) and ((w > 0) & (w < 1)).all()
+    import shutil
+
+    bad = tmp_path / "phi"
+    shutil.copytree(out / "phi", bad)
+    meta_json = json.loads((bad / "phi.json").read_text())
+    (bad / "phi.json").write_text(json.dumps(dict(meta_json, tokenizer_hash="0" * 16)))
+    with pytest.raises(InputError, match="different tokenizer"):
+        load_phi(bad, tokenizer)
+    (bad / "phi.json").write_text(json.dumps(meta_json))
+    (bad / "phi.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match="corrupt"):
+        load_phi(bad, tokenizer)
+    with pytest.raises(InputError, match="not a Train-Attention checkpoint"):
+        load_phi(tmp_path / "nowhere", tokenizer)
+
+
+def test_taalm_continual_run_uses_phi(meta_run, tiny_cfg):
+    from trainables.continual import continual_update
+
+    out, _ = meta_run
+    for scheme in ("train_attention", "train_attention*known_mask"):
+        m = continual_update(tiny_cfg("train.epochs=1", f"weighting.scheme={scheme}",
+                                      f"weighting.train_attention.phi={out / 'phi'}"))
+        # φ's head starts near sigmoid(4) = 0.98 and moved little in 8 steps
+        assert 0.5 < m["mean_weight"][1] < 1.0
+
+
+def test_train_attention_without_phi_is_an_input_error(tiny_cfg):
+    from trainables.continual import continual_update
+
+    with pytest.raises(InputError, match="weighting.train_attention.phi"):
+        continual_update(tiny_cfg("weighting.scheme=train_attention"))
+
+
+def test_phi_body_options(tokenizer):
+    phi = build_phi(PhiConfig(num_layers=1), ModelConfig(name="tiny"), tokenizer)
+    assert len(phi.body.base_model.model.layers) == 1  # LoRA-wrapped body cut to one layer
+    assert phi.head.bias.item() == pytest.approx(4.0)
+    names = set(phi_trainable(phi))
+    assert "head.weight" in names and any("lora_A" in n for n in names)
+    assert not any("embed_tokens" in n for n in names)
+    with pytest.raises(InputError, match="phi.num_layers"):
+        build_phi(PhiConfig(num_layers=9), ModelConfig(name="tiny"), tokenizer)

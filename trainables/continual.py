@@ -128,7 +128,7 @@ def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
     to_learn_probes = encode_probes(tokenizer, split.to_learn, cfg.data.task)
     ntf_probes = encode_probes(tokenizer, split.ntf, cfg.data.task)
 
-    env = SchemeEnv(tokenizer=tokenizer)
+    env = SchemeEnv(tokenizer=tokenizer, device=device)
     weighting = build_weighting(cfg.weighting, env)
     frozen_copy = None
     if weighting.needs_reference and cfg.params.kind == "full":

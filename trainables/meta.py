@@ -295,6 +295,8 @@ def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
         if on_step:
             on_step({"validation": v})
 
+    fixed = s["train"][:min(8, len(s["train"]))]  # a fixed set: the objective before and after training
+    objective_before = meta_gradient(inner, phi, fixed)[0]
     check(0)
     for step in range(1, cfg.meta.steps + 1):
         ts = time.perf_counter()
@@ -314,6 +316,8 @@ def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
             check(step)
 
     metrics = {"objective": history["objective"], "step_seconds": history["seconds"], "validation": checks,
+               "objective_fixed_set": {"before": objective_before, "after": meta_gradient(inner, phi, fixed)[0],
+                                       "n_examples": len(fixed)},
                "best_step": best["step"], "best_val_acc": best["val_acc"],
                "wall_seconds": time.perf_counter() - t0, "n_train_examples": len(s["train"]),
                "n_val_examples": len(s["val"]), "data_hash": s["data_hash"], "config": config_to_dict(cfg)}

@@ -27,6 +27,7 @@ class SchemeEnv:
     """What a scheme may need beyond the batch, supplied by the loop that owns the models."""
 
     tokenizer: object = None
+    device: object = "cpu"
     # nll of the frozen reference model θ_ref (the initial θ) on a batch: (input_ids, attention_mask) -> [B, T-1]
     reference_nll: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
@@ -142,6 +143,25 @@ class Random(Scheme):
         else:
             p = torch.full((mask.size(0), 1), self.options.random.p)
         return (u < p).to(torch.float32) * mask
+
+
+@SCHEMES.register("train_attention")
+class TrainAttentionScheme(Scheme):
+    """TAALM: w_t = sigmoid(φ(x)_t), from a frozen φ checkpoint (``weighting.train_attention.phi``)."""
+
+    def __init__(self, options, env):
+        super().__init__(options, env)
+        from .errors import InputError
+        from .train_attention import load_phi
+
+        if not options.train_attention.phi:
+            raise InputError("weighting.train_attention.phi", "the train_attention scheme needs a φ checkpoint "
+                                                              "directory (written by `taalm meta-train`)")
+        self.phi, self.meta = load_phi(options.train_attention.phi, env.tokenizer, env.device)
+
+    def __call__(self, ctx):
+        with torch.no_grad():
+            return self.phi.weights(ctx.input_ids, ctx.attention_mask).float()
 
 
 class Composite:
