@@ -1,0 +1,129 @@
+"""Cost of one Train-Attention meta-step relative to one plain fine-tuning step on the same examples.
+
+    python bench/meta_step.py [--model tiny|smollm2-135m] [--batch 4] [--repeats 3]
+
+A plain step: forward, backward and AdamW on θ's trainable set, uniform weights, the batch's documents
+in one forward. A meta-step (dummy_loop 1, inner_steps 1, AdamW inner optimizer, phi_loss): φ's
+weights, the first-order dummy update, the differentiable update, the probe objective and the
+second-order backward to φ, one example at a time, plus AdamW on φ. Each mode runs in its own
+subprocess so that the peak resident memory (ru_maxrss above the post-setup baseline) is its own.
+Writes bench/results/meta_step_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _setup(model: str, batch: int, max_length: int):
+    from trainables.config import load_config
+    from trainables.meta import Inner, MetaConfig, prepare_meta
+
+    overrides = [f"model.name={model}", "params.kind=lora", "params.r=16", "params.dropout=0.0",
+                 f"meta.max_length={max_length}", f"data.max_doc_tokens={max_length}", "meta.pool_size=40",
+                 "meta.val_size=4", "meta.dummy_loop=1", "meta.inner_steps=1", "meta.inner_optimizer=adamw",
+                 "data.split=tailored", "phi.num_layers=" + ("1" if model == "tiny" else "6")]
+    cfg = load_config(None, overrides, schema=MetaConfig)
+    s = prepare_meta(cfg)
+    return cfg, s, Inner(s["model"], s["theta0"], cfg.meta), s["train"][:batch]
+
+
+def child(mode: str, model: str, batch: int, repeats: int, max_length: int) -> dict:
+    from trainables.encode import EncodedDoc, collate
+    from trainables.loss import token_nll, weighted_loss
+    from trainables.meta import meta_gradient
+    from trainables.train_attention import phi_trainable
+
+    cfg, s, inner, examples = _setup(model, batch, max_length)
+    theta = s["model"]
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if mode in ("plain", "plain_sequential"):
+        for p in theta.parameters():
+            p.requires_grad_(False)
+        params = [p for n, p in theta.named_parameters() if n in s["theta0"]]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        docs = [EncodedDoc(ex.doc["input_ids"][0].tolist(), ex.doc["object_mask"][0].tolist()) for ex in examples]
+        # plain: the batch in one forward; plain_sequential: one example at a time (as the meta-step goes)
+        groups = [docs] if mode == "plain" else [[d] for d in docs]
+        batches = [collate(g, s["tokenizer"].pad_token_id) for g in groups]
+
+        def step():
+            opt.zero_grad()
+            for b in batches:
+                out = theta(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                nll = token_nll(out.logits, b["input_ids"], b["attention_mask"])
+                w = (b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).float()
+                (weighted_loss(nll, w) / len(batches)).backward()
+            opt.step()
+    else:
+        phi = s["phi"]
+        opt = torch.optim.AdamW(list(phi_trainable(phi).values()), lr=2e-4)
+
+        def step():
+            _, grads = meta_gradient(inner, phi, examples)
+            for k, p in phi_trainable(phi).items():
+                p.grad = grads[k]
+            opt.step()
+            opt.zero_grad()
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"mode": mode, "seconds": sorted(times)[len(times) // 2], "all_seconds": times,
+            "peak_rss_above_baseline_mb": (peak - base_rss) / 1024,
+            "tokens_per_doc": [int(ex.doc["attention_mask"].sum()) for ex in examples]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--child", choices=["plain", "plain_sequential", "meta"])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.model, args.batch, args.repeats, args.max_length)))
+        return
+    res = {}
+    for mode in ("plain", "plain_sequential", "meta"):
+        r = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--batch",
+                            str(args.batch), "--repeats", str(args.repeats), "--max-length", str(args.max_length)],
+                           capture_output=True, text=True, check=True)
+        res[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(mode, res[mode])
+    out = args.out or Path(__file__).parent / "results" / f"meta_step_{args.model}.json"
+    from trainables.checkpoint import write_json_atomic
+
+    write_json_atomic(out, {
+        "benchmark": "meta-step / plain fine-tuning step (dummy_loop 1, inner_steps 1)",
+        "model": args.model, "batch": args.batch,
+        "time_ratio": res["meta"]["seconds"] / res["plain"]["seconds"],
+        "time_ratio_vs_sequential_plain": res["meta"]["seconds"] / res["plain_sequential"]["seconds"],
+        "peak_memory_ratio": (res["meta"]["peak_rss_above_baseline_mb"] /
+                              max(res["plain"]["peak_rss_above_baseline_mb"], 1e-9)),
+        **res,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "device": "cpu"},
+    })
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
