@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,23 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def atomic_directory(directory: Path):
+    """Yield a temporary sibling directory; on success it replaces ``directory`` (never half-written)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
+    try:
+        yield tmp
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
@@ -71,10 +89,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_loop_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                          state: dict) -> None:
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file({k: v.detach().contiguous().clone() for k, v in trainable.items()}, str(tmp / FILES[0]))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(opt_tensors, str(tmp / FILES[1]))
@@ -83,13 +98,6 @@ def save_loop_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], op
         full = dict(state, optimizer=opt_meta, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
         with open(tmp / FILES[3], "w") as fh:
             json.dump(json_safe(full), fh, indent=1, allow_nan=False)
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_loop_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],

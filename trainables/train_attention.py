@@ -20,7 +20,7 @@ from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import write_json_atomic
+from .checkpoint import atomic_directory, write_json_atomic
 from .config import ModelConfig, ParamsConfig, _Strict
 from .errors import InputError
 from .loss import prediction_mask
@@ -105,27 +105,13 @@ def phi_trainable(phi: TrainAttention) -> dict[str, torch.nn.Parameter]:
 
 def save_phi(directory: Path, phi: TrainAttention, phi_cfg: PhiConfig, theta_model: ModelConfig, tokenizer,
              extra: dict) -> None:
-    import os
-    import shutil
-    import tempfile
-
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in phi_trainable(phi).items()},
                   str(tmp / "phi.safetensors"))
         write_json_atomic(tmp / "phi.json", {
             "format": FORMAT, "phi": phi_cfg.model_dump(mode="json"),
             "theta_model": theta_model.model_dump(mode="json"), "tokenizer_hash": tokenizer_hash(tokenizer),
             **extra})
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_phi(directory: str | Path, tokenizer, device="cpu", where: str = "weighting.train_attention.phi"):
