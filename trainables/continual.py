@@ -149,12 +149,50 @@ def make_optimizer(cfg: RunConfig, params: Sequence[torch.nn.Parameter]) -> torc
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def evaluate(setup: RunSetup) -> dict:
+@dataclass
+class DataParallel:
+    """Data parallelism over torch.distributed (gloo on CPU, NCCL on GPU), set up by Ray Train.
+
+    Every worker holds the same θ (same seed); each takes a contiguous shard of every global batch and
+    of the probes; gradients and metric sums are all-reduced, so a run on N workers matches a run on
+    one worker with the same global batch (up to float summation order)."""
+
+    rank: int
+    world: int
+
+    @classmethod
+    def from_torch(cls) -> Optional["DataParallel"]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return None
+
+    def shard(self, items: list) -> list:
+        n = len(items)
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        return items[lo:hi]
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+
+def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
     bs = setup.cfg.eval.batch_size
-    tl = probe_scores(setup.model, setup.to_learn_probes, setup.pad_id, bs, setup.device)
-    nf = probe_scores(setup.model, setup.ntf_probes, setup.pad_id, bs, setup.device)
-    return {"to_learn_acc": mean([a for a, _ in tl]), "to_learn_em": mean([e for _, e in tl]),
-            "ntf_acc": mean([a for a, _ in nf]), "ntf_em": mean([e for _, e in nf])}
+    out = {}
+    for name, probes in (("to_learn", setup.to_learn_probes), ("ntf", setup.ntf_probes)):
+        mine = dp.shard(probes) if dp else probes
+        scores = probe_scores(setup.model, mine, setup.pad_id, bs, setup.device) if mine else []
+        sums = torch.tensor([sum(a for a, _ in scores), sum(e for _, e in scores), len(scores)], dtype=torch.float64)
+        if dp:
+            dp.all_reduce_(sums)
+        n = sums[2].item()
+        out[f"{name}_acc"] = sums[0].item() / n if n else float("nan")
+        out[f"{name}_em"] = sums[1].item() / n if n else float("nan")
+    return out
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -163,24 +201,36 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generator) -> tuple[float, float, int]:
-    """One weighted update. Returns (loss, mean weight over real positions, number of real tokens)."""
-    batch = {k: v.to(setup.device) for k, v in collate(batch_docs, setup.pad_id).items()}
-    out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
-    ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
-                        logits=out.logits.detach() if setup.weighting.needs_logits else None,
-                        object_mask=batch["object_mask"], generator=generator)
-    w = setup.weighting(ctx).to(nll.device)
-    loss = weighted_loss(nll, w)
+def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generator,
+               dp: Optional[DataParallel] = None) -> tuple[float, float, int]:
+    """One weighted update on a global batch (this worker's shard of it under data parallelism).
+    Returns (loss, mean weight over real positions, number of real tokens), all global."""
+    n_global = len(batch_docs)
+    mine = dp.shard(batch_docs) if dp else batch_docs
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    stats = torch.zeros(3, dtype=torch.float64)  # loss·n, Σw, real tokens
+    if mine:
+        batch = {k: v.to(setup.device) for k, v in collate(mine, setup.pad_id).items()}
+        out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
+        ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
+                            logits=out.logits.detach() if setup.weighting.needs_logits else None,
+                            object_mask=batch["object_mask"], generator=generator)
+        w = setup.weighting(ctx).to(nll.device)
+        # the global loss is a mean over the global batch's sequences: scale this shard's mean
+        loss = weighted_loss(nll, w) * (len(mine) / n_global)
+        loss.backward()
+        stats += torch.tensor([loss.item(), w.sum().item(), ctx.pred_mask.sum().item()], dtype=torch.float64)
+    if dp:
+        for p in setup.trainable.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dp.all_reduce_(p.grad)
+        dp.all_reduce_(stats)
     if setup.cfg.train.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(setup.trainable.values()), setup.cfg.train.max_grad_norm)
     optimizer.step()
-    real = ctx.pred_mask
-    n_real = int(real.sum().item())
-    return loss.item(), float((w.sum() / real.sum().clamp_min(1)).item()), n_real
+    return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[2].item())
 
 
 _RESUME_IGNORED = ("train.epochs", "checkpoint.every")
@@ -195,9 +245,15 @@ def _comparable(cfg_dict: dict) -> dict:
 
 
 def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
-                     resume: bool = True, setup: Optional[RunSetup] = None) -> dict:
-    """Run (or resume) one continual-update run; return the metrics dict (also DIR/metrics.json)."""
+                     resume: bool = True, setup: Optional[RunSetup] = None,
+                     dp: Optional[DataParallel] = None) -> dict:
+    """Run (or resume) one continual-update run; return the metrics dict (also DIR/metrics.json).
+
+    Under torch.distributed (e.g. Ray Train workers) the run is data-parallel across the process group
+    (``dp``, detected when not given); every rank resumes from its DIR/checkpoint, rank 0 writes."""
     t_start = time.perf_counter()
+    dp = dp or DataParallel.from_torch()
+    writer = dp is None or dp.rank == 0
     out = Path(out_dir) if out_dir else None
     ckpt_dir = out / "checkpoint" if out else None
     setup = setup or prepare_run(cfg)
@@ -223,14 +279,14 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         cb.on_run_start(info)
 
     def finish_epoch(epoch: int, loss: Optional[float], weight: Optional[float]) -> None:
-        ev = evaluate(setup)
+        ev = evaluate(setup, dp)
         for k, v in ev.items():
             history[k].append(v)
         history["train_loss"].append(loss)
         history["mean_weight"].append(weight)
         wall = wall_before + time.perf_counter() - t_start
         written = None
-        if ckpt_dir is not None and cfg.checkpoint.every and (epoch % cfg.checkpoint.every == 0
+        if writer and ckpt_dir is not None and cfg.checkpoint.every and (epoch % cfg.checkpoint.every == 0
                                                               or epoch == cfg.train.epochs):
             save_loop_checkpoint(ckpt_dir, setup.trainable, optimizer, {
                 "epoch": epoch, "history": history, "wall_seconds": wall, "config": cfg_dict,
@@ -249,7 +305,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         losses, weights, t0 = [], [], time.perf_counter()
         for step, idx in enumerate(batches):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + step)
-            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen)
+            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen, dp)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
             losses.append(loss)
@@ -269,7 +325,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         **{k: v for k, v in info.items() if k != "start_epoch"},
         "config": cfg_dict,
     })
-    if out is not None:
+    if out is not None and writer:
         write_json_atomic(out / "metrics.json", metrics)
     return metrics
 

@@ -1,0 +1,188 @@
+"""Ablation grids: a base run config plus axes, expanded into validated trials before anything starts.
+
+    name: table9_token_weighting
+    base: ../examples/run_smollm2_mini.yaml     # a run config file (relative to this file) ...
+    overrides: {train.epochs: 5}                # ... and dotted overrides applied to it
+    axes:                                       # cartesian product
+      weighting.scheme: [uniform, oracle]
+    zip:                                        # keys that vary together: one more product factor each
+      - {train.lr: [1.0e-3, 3.0e-4], train.epochs: [5, 10]}
+    exclude:                                    # drop the combinations that match every key given
+      - {weighting.scheme: oracle, train.lr: 3.0e-4}
+    seeds: [0, 1]
+    labels: {weighting.scheme: {uniform: Finetune, oracle: Oracle}}
+    meta: {config: ../examples/meta_tiny.yaml, overrides: {}, per_seed: false}
+    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent: 2}
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trainables.config import RunConfig, apply_overrides, config_to_dict, load_yaml, scheme_names, validate
+from trainables.errors import InputError
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workers: int = Field(1, ge=1)  # Ray Train workers per trial (data parallel)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_concurrent: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0)  # retries of a failed trial
+    torch_threads: int = Field(1, ge=1)
+
+
+class MetaStage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: str  # a meta-training config file (relative to the grid file)
+    overrides: dict[str, Any] = {}
+    per_seed: bool = False  # one φ per grid seed (else one φ, seed of the meta config)
+
+
+class GridSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    base: Optional[str] = None
+    overrides: dict[str, Any] = {}
+    axes: dict[str, list[Any]] = {}
+    zip: list[dict[str, list[Any]]] = []
+    exclude: list[dict[str, Any]] = []
+    seeds: list[int] = [0]
+    labels: dict[str, dict[str, str]] = {}
+    meta: Optional[MetaStage] = None
+    resources: Resources = Resources()
+
+    @field_validator("axes")
+    @classmethod
+    def _non_empty_axes(cls, v):
+        for k, vals in v.items():
+            if not vals:
+                raise ValueError(f"axis {k!r} has no values")
+        return v
+
+    @field_validator("zip")
+    @classmethod
+    def _zip_lengths(cls, v):
+        for group in v:
+            lens = {k: len(vals) for k, vals in group.items()}
+            if not group or len(set(lens.values())) != 1 or 0 in lens.values():
+                raise ValueError(f"zipped keys must have equal, non-zero numbers of values: {lens}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError("seeds must be a non-empty list without repeats")
+        return v
+
+
+@dataclass
+class Trial:
+    key: str  # stable id: hash of the overrides and seed
+    label: str  # the method name shown in reports
+    seed: int
+    overrides: dict[str, Any]  # the axis values of this trial (dotted keys)
+    config: RunConfig
+    needs_phi: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        return {"label": self.label, "seed": self.seed, **{k: v for k, v in self.overrides.items()}}
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    apply_overrides(d, [f"{dotted}={json.dumps(value)}"])
+
+
+def trial_key(overrides: dict, seed: int) -> str:
+    blob = json.dumps({"overrides": overrides, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def expand(spec: GridSpec) -> list[dict[str, Any]]:
+    """The axis combinations (dicts of dotted key -> value) after product, zip and exclusions."""
+    factors: list[list[dict]] = [[{k: v} for v in vals] for k, vals in spec.axes.items()]
+    for group in spec.zip:
+        n = len(next(iter(group.values())))
+        factors.append([{k: vals[i] for k, vals in group.items()} for i in range(n)])
+    combos = []
+    for parts in itertools.product(*factors) if factors else [()]:
+        combo: dict = {}
+        for p in parts:
+            combo.update(p)
+        if any(all(combo.get(k, _MISSING) == v for k, v in ex.items()) for ex in spec.exclude):
+            continue
+        combos.append(combo)
+    return combos
+
+
+_MISSING = object()
+
+
+def _label(spec: GridSpec, combo: dict) -> str:
+    parts = []
+    for k, v in combo.items():
+        named = spec.labels.get(k, {}).get(str(v))
+        parts.append(named if named is not None else f"{k.split('.')[-1]}={v}")
+    return " / ".join(parts) if parts else spec.name
+
+
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridSpec, list[Trial], Optional[dict]]:
+    """Read, validate and expand a grid; every trial's config is validated here, before any trial starts.
+    Returns (spec, trials, meta config dict or None)."""
+    path = Path(path)
+    data, lines = load_yaml(path)
+    touched = apply_overrides(data, overrides)
+    spec = validate(GridSpec, data, str(path), lines, touched)
+    base: dict = {}
+    if spec.base:
+        base_path = (path.parent / spec.base).resolve()
+        if not base_path.is_file():
+            raise InputError(f"{path}:{lines.get(('base',), 1)} (base)", f"base config {base_path} not found")
+        base, base_lines = load_yaml(base_path)
+        validate(RunConfig, copy.deepcopy(base), str(base_path), base_lines)
+    for k, v in spec.overrides.items():
+        _set(base, k, v)
+    combos = expand(spec)
+    if not combos:
+        raise InputError(f"{path} (exclude)", "the exclusions remove every trial")
+    trials = []
+    for combo in combos:
+        for seed in spec.seeds:
+            d = copy.deepcopy(base)
+            for k, v in combo.items():
+                _set(d, k, v)
+            d["seed"] = seed
+            where_line = lines.get(("axes", next(iter(combo), "")), lines.get(("overrides",), 1))
+            try:
+                cfg = validate(RunConfig, d, "", {}, set())
+            except InputError as e:
+                raise InputError(f"{path}:{where_line} ({e.where})",
+                                 f"{e.message} [trial {json.dumps(combo, default=str)}, seed {seed}]") from None
+            needs_phi = "train_attention" in scheme_names(cfg.weighting.scheme)
+            trials.append(Trial(trial_key(combo, seed), _label(spec, combo), seed, combo, cfg, needs_phi))
+    meta_cfg = None
+    if spec.meta is not None or any(t.needs_phi and not t.config.weighting.train_attention.phi for t in trials):
+        if spec.meta is None:
+            raise InputError(f"{path} (meta)", "trials use train_attention without weighting.train_attention.phi: "
+                                               "add a `meta:` stage (a meta-training config) or give a φ path")
+        meta_path = (path.parent / spec.meta.config).resolve()
+        if not meta_path.is_file():
+            raise InputError(f"{path}:{lines.get(('meta', 'config'), 1)} (meta.config)", f"{meta_path} not found")
+        from trainables.meta import MetaConfig
+
+        mdata, mlines = load_yaml(meta_path)
+        for k, v in spec.meta.overrides.items():
+            _set(mdata, k, v)
+        meta_cfg = config_to_dict(validate(MetaConfig, mdata, str(meta_path), mlines))
+    return spec, trials, meta_cfg

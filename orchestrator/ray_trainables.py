@@ -1,0 +1,111 @@
+"""Ray entry points: a thin layer over the plain loops in trainables/.
+
+* :func:`continual_worker` / :func:`meta_worker`: the per-worker loops that Ray Train runs (data parallel
+  over gloo on CPU or NCCL on GPU for the continual loop); they report every epoch / validation with
+  ``ray.train.report`` and attach rank 0's checkpoint, and resume from ``ray.train.get_checkpoint()``.
+* :func:`trial_driver`: the Tune function trainable that launches one TorchTrainer per trial and
+  forwards its reports to Tune through Ray's ``TuneReportCallback``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPORT_KEYS = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "wall_seconds")
+
+
+def _setup_threads(config: dict) -> None:
+    torch.set_num_threads(int(config.get("torch_threads", 1)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _restore_into(out: Path, name: str) -> None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            src = Path(d) / name
+            if src.is_dir():
+                shutil.copytree(src, out / name, dirs_exist_ok=True)
+
+
+def continual_worker(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from trainables.config import RunConfig
+    from trainables.continual import Callback, continual_update
+
+    _setup_threads(config)
+    cfg = RunConfig.model_validate(config["run"])
+    rank = ray.train.get_context().get_world_rank()
+    out = Path(tempfile.mkdtemp(prefix=f"taalm-trial-r{rank}-"))
+    _restore_into(out, "checkpoint")
+
+    class Report(Callback):
+        def on_epoch_end(self, r):
+            metrics = {"epoch": r.epoch, **{k: getattr(r, k) for k in REPORT_KEYS}, **r.summary}
+            metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+            if r.checkpoint_dir:
+                # the checkpoint directory holds "checkpoint/" so a restore lands where the loop looks
+                with tempfile.TemporaryDirectory() as staging:
+                    shutil.copytree(r.checkpoint_dir, Path(staging) / "checkpoint")
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging))
+            else:
+                ray.train.report(metrics)
+
+    try:
+        continual_update(cfg, out_dir=out, callbacks=[Report()])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def meta_worker(config: dict) -> None:
+    """Meta-training as a single-worker Ray Train run; φ is written to ``config['phi_dir']``."""
+    import ray.train
+
+    from trainables.meta import MetaConfig, meta_train
+
+    _setup_threads(config)
+    cfg = MetaConfig.model_validate(config["meta"])
+    out = Path(config["phi_dir"])
+
+    def on_step(ev):
+        if "validation" in ev:
+            v = ev["validation"]
+            ray.train.report({"step": v["step"], "val_acc": v["val_acc"],
+                              "object_weight_ratio": v["object_weight_ratio"]})
+
+    meta_train(cfg, out_dir=out, on_step=on_step)
+
+
+def trial_driver(config: dict) -> None:
+    """Tune trainable: one TorchTrainer per trial, reporting through TuneReportCallback."""
+    import ray.train
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = config["t"]  # the trial, as expanded by the orchestrator
+    res = config["resources"]
+    kind = config["kind"]
+    workers = res["workers"] if kind == "continual" else 1
+    trainer = TorchTrainer(
+        continual_worker if kind == "continual" else meta_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=res["gpus_per_worker"] > 0,
+                                     resources_per_worker={"CPU": res["cpus_per_worker"],
+                                                           **({"GPU": res["gpus_per_worker"]}
+                                                              if res["gpus_per_worker"] else {})}),
+        run_config=ray.train.RunConfig(
+            # stable per trial: a re-launched trial restores from its own latest checkpoint
+            name=f"train-{config['trial_key']}", storage_path=config["storage_path"],
+            callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=0)),
+    )
+    trainer.fit()

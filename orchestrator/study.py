@@ -1,0 +1,122 @@
+"""Assembling and running a study: validate -> expand -> (meta-training stage) -> Ray Tune -> MLflow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from trainables.checkpoint import write_json_atomic
+from trainables.config import config_to_dict
+
+from .grid import GridSpec, Trial, load_grid
+from .tracking import MlflowTrials, Study, default_tracking_uri
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def phi_cache_dir(meta_cfg: dict) -> Path:
+    from trainables.models import cache_dir
+
+    digest = hashlib.sha256(json.dumps(meta_cfg, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "phi" / digest
+
+
+def _tune(trial_dicts: list[dict], info: dict, study: Study, name: str, study_dir: Path, spec: GridSpec,
+          progress: Optional[Callable] = None):
+    from ray import tune
+
+    from .ray_trainables import trial_driver
+
+    callbacks: list = [MlflowTrials(study, info)]
+    if progress is not None:
+        callbacks.append(progress)
+    tuner = tune.Tuner(
+        # the driver only waits for its Ray Train run: it holds no CPU (a token of memory keeps the bundle non-empty)
+        tune.with_resources(trial_driver, tune.PlacementGroupFactory([{"CPU": 0, "memory": 1024 ** 2}])),
+        param_space={"t": tune.grid_search(trial_dicts)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent,
+                                    trial_dirname_creator=lambda t: f"{t.config['t']['trial_key']}"),
+        run_config=tune.RunConfig(name=name, storage_path=str((study_dir / "tune").resolve()), callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+                                  verbose=0),
+    )
+    return tuner.fit()
+
+
+def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: Study, study_dir: Path,
+                   progress=None) -> dict[int, str]:
+    """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice)."""
+    from trainables.data import load_lama
+
+    data_hash = load_lama(meta_cfg["data"].get("dir")).hash
+    seeds = sorted({t.seed for t in trials if t.needs_phi}) if spec.meta.per_seed else [meta_cfg["seed"]]
+    phis, todo, info = {}, [], {}
+    for seed in seeds:
+        cfg = dict(meta_cfg, seed=seed)
+        key = "meta-" + hashlib.sha256(json.dumps([cfg, data_hash], sort_keys=True).encode()).hexdigest()[:10]
+        d = phi_cache_dir({"cfg": cfg, "data_hash": data_hash})
+        phis[seed] = str(d / "phi")
+        info[key] = {"run_name": f"meta-train seed {seed}", "role": "meta", "params": flatten_meta(cfg),
+                     "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}
+        if not (d / "phi" / "phi.json").is_file():
+            todo.append({"kind": "meta", "trial_key": key, "meta": cfg, "phi_dir": str(d),
+                         "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
+                         "storage_path": str((study_dir / "train").resolve())})
+    if todo:
+        results = _tune(todo, info, study, f"{spec.name}-meta", study_dir, spec, progress)
+        errors = [r.error for r in results if r.error]
+        if errors:
+            raise RuntimeError(f"meta-training failed: {errors[0]}")
+    return phis
+
+
+def flatten_meta(cfg: dict) -> dict:
+    return {"meta": cfg}
+
+
+def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
+                 address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
+                 num_cpus: Optional[int] = None) -> dict:
+    spec, trials, meta_cfg = load_grid(grid_path, overrides)  # everything validated before anything starts
+    study_dir = Path(out_root) / spec.name
+    study_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or default_tracking_uri(study_dir)
+    write_json_atomic(study_dir / "study.json", {
+        "grid": str(Path(grid_path).resolve()), "overrides": overrides or [], "tracking_uri": uri,
+        "name": spec.name, "trials": [{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]})
+    init_ray(address, num_cpus)
+    study = Study(uri, spec.name, study_dir)
+    if meta_cfg is not None:
+        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress)
+        for t in trials:
+            if t.needs_phi and not t.config.weighting.train_attention.phi:
+                phi = phis.get(t.seed, next(iter(phis.values())))
+                t.config = t.config.model_copy(update={"weighting": t.config.weighting.model_copy(
+                    update={"train_attention": t.config.weighting.train_attention.model_copy(update={"phi": phi})})})
+    info, dicts = {}, []
+    for t in trials:
+        cfg = config_to_dict(t.config)
+        info[t.key] = {"run_name": f"{t.label} seed {t.seed}", "role": "trial", "config": cfg,
+                       "params": {"label": t.label, "seed": t.seed, "config": cfg},
+                       "tags": {"taalm.label": t.label, "taalm.seed": t.seed}}
+        dicts.append({"kind": "continual", "trial_key": t.key, "label": t.label, "run": cfg,
+                      "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
+                      "storage_path": str((study_dir / "train").resolve())})
+    results = _tune(dicts, info, study, spec.name, study_dir, spec, progress)
+    failed = [r for r in results if r.error]
+    study.finish("FAILED" if failed and len(failed) == len(dicts) else "FINISHED")
+    return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name, "trials": len(dicts),
+            "failed": len(failed)}

@@ -1,0 +1,196 @@
+"""MLflow tracking of a study: one experiment, a parent run (taalm.role=study), a child run per trial.
+
+All MLflow writes happen in the Tune driver process through a Tune callback, so concurrent trials
+never write to the store at the same time; a child run is found again by its trial key, and epochs
+already logged are not logged twice (a resumed study neither loses nor duplicates anything).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ray import tune
+
+SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge")
+CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight")
+
+
+def default_tracking_uri(study_dir: Path) -> str:
+    return f"sqlite:///{(study_dir / 'mlflow.db').resolve()}"
+
+
+def code_version() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        return sha or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Study:
+    """The MLflow side of a study: experiment and parent run, created once and found again."""
+
+    def __init__(self, tracking_uri: str, name: str, study_dir: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.name, self.dir = tracking_uri, name, study_dir
+        self.client = MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            artifacts = (study_dir / "mlartifacts").resolve()
+            artifacts.mkdir(parents=True, exist_ok=True)
+            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts.as_uri())
+        else:
+            self.experiment_id = exp.experiment_id
+        found = self.client.search_runs([self.experiment_id], "tags.`taalm.role` = 'study'", max_results=1)
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            self.parent_id = self.client.create_run(self.experiment_id, run_name=name, tags={
+                "taalm.role": "study", "taalm.code_version": code_version()}).info.run_id
+
+    def child(self, key: str, run_name: str, role: str, params: dict, tags: dict) -> str:
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`taalm.trial_key` = '{key}' and tags.`taalm.role` = '{role}'", max_results=5)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+            "mlflow.parentRunId": self.parent_id, "taalm.role": role, "taalm.trial_key": key,
+            "taalm.code_version": code_version(), **{k: str(v) for k, v in tags.items()}})
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:500]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
+        return run.info.run_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status=status)
+
+
+class MlflowTrials(tune.Callback):
+    """Tune callback: child run per trial, per-epoch metrics (step = epoch), final metrics, artifacts."""
+
+    def __init__(self, study: Study, trial_info: dict[str, dict]):
+        self.study = study
+        self.info = trial_info  # trial key -> {"label", "seed", "params", "config", "role", "tags"}
+        self.run_ids: dict[str, str] = {}
+        self.logged: dict[str, set] = {}
+        self.curves: dict[str, dict[str, dict[int, float]]] = {}
+
+    def _run(self, trial) -> tuple[str, str]:
+        key = trial.config["t"]["trial_key"]
+        if key not in self.run_ids:
+            meta = self.info[key]
+            rid = self.study.child(key, meta["run_name"], meta["role"], meta["params"], meta["tags"])
+            self.run_ids[key] = rid
+            hist = self.study.client.get_metric_history(rid, "to_learn_acc" if meta["role"] == "trial" else "val_acc")
+            self.logged[key] = {m.step for m in hist}
+            self.curves[key] = {}
+            for name in CURVES:
+                for m in self.study.client.get_metric_history(rid, name):
+                    self.curves[key].setdefault(name, {})[m.step] = m.value
+            self.study.client.set_tag(rid, "taalm.tune_trial_id", trial.trial_id)
+        return key, self.run_ids[key]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        key, rid = self._run(trial)
+        role = self.info[key]["role"]
+        step = int(result.get("epoch", result.get("step", 0)))
+        if step in self.logged[key]:
+            return
+        names = CURVES if role == "trial" else ("val_acc", "object_weight_ratio")
+        now = int(time.time() * 1000)
+        metrics = []
+        for name in names:
+            v = result.get(name)
+            if isinstance(v, (int, float)) and v == v:
+                metrics.append(Metric(name, float(v), now, step))
+                self.curves[key].setdefault(name, {})[step] = float(v)
+        self.study.client.log_batch(rid, metrics=metrics)
+        self.logged[key].add(step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from mlflow.entities import Metric
+
+        key, rid = self._run(trial)
+        meta = self.info[key]
+        last = trial.last_result or {}
+        now = int(time.time() * 1000)
+        if meta["role"] == "trial":
+            finals = [Metric(k, float(last[k]), now, 0) for k in SUMMARY
+                      if isinstance(last.get(k), (int, float)) and last[k] == last[k]]
+            self.study.client.log_batch(rid, metrics=finals)
+            self.study.client.log_dict(rid, meta["config"], "config.json")
+            self.study.client.log_dict(rid, {k: dict(sorted(v.items())) for k, v in self.curves[key].items()},
+                                       "curves.json")
+            fig = learning_curve_figure(self.curves[key], meta["run_name"])
+            if fig is not None:
+                self.study.client.log_figure(rid, fig, "learning_curve.png")
+        else:
+            self.study.client.log_dict(rid, meta["config"], "meta_config.json")
+            phi = Path(meta["tags"].get("taalm.phi_dir", ""))
+            for f in ("phi.json", "heatmap.html", "meta_metrics.json"):
+                for cand in (phi / f, phi.parent / f):
+                    if cand.is_file():
+                        self.study.client.log_artifact(rid, str(cand))
+                        break
+        self.study.client.set_terminated(rid, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        key, rid = self._run(trial)
+        reason = str(getattr(trial, "error_msg", None) or "trial raised an error")[-500:]
+        self.study.client.set_tag(rid, "taalm.failure", reason)
+        self.study.client.set_terminated(rid, status="FAILED")
+
+
+def learning_curve_figure(curves: dict[str, dict[int, float]], title: str):
+    """TO-LEARN and NOT-TO-FORGET accuracy per epoch (the paper's Figure 7 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves.get("to_learn_acc"):
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, style in (("to_learn_acc", "-o"), ("ntf_acc", "--s")):
+        pts = sorted(curves.get(name, {}).items())
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=name.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)
