@@ -101,6 +101,70 @@ def meta_train_cmd(
                   f"-> {out / 'phi'}")
 
 
+@app.command()
+def ablate(
+    grid: Path = typer.Argument(..., help="Ablation grid (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a grid key: dotted.key=value."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Root of study directories (OUT/<grid name>/)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="MLflow tracking URI (default: sqlite in the study dir)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+):
+    """Run an ablation grid: every trial a Ray Train run under Ray Tune, tracked in MLflow; then the table."""
+    from orchestrator.grid import load_grid
+
+    spec, trials, meta = load_grid(grid, set_)  # validated before Ray or MLflow start
+    console.print(f"[bold]{spec.name}[/]: {len(trials)} trials ({len({t.label for t in trials})} methods x "
+                  f"{len(spec.seeds)} seeds){' + meta-training stage' if meta else ''}", highlight=False)
+    from orchestrator.report import write_report
+    from orchestrator.study import run_ablation
+
+    from orchestrator.progress import TuneProgress
+
+    r = run_ablation(grid, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus)
+    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
+    print(rep["markdown"])
+    console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
+                  f"`taalm ui {r['study_dir']}` to browse", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    study: Path = typer.Argument(..., help="A study directory (OUT/<grid name>) written by `taalm ablate`."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+    experiment: Optional[str] = typer.Option(None, "--experiment"),
+):
+    """Build the table (Markdown, CSV, Parquet), curves and Pareto plot of a study from MLflow."""
+    from orchestrator.report import study_tracking, write_report
+
+    if tracking_uri and experiment:
+        uri, name = tracking_uri, experiment
+    else:
+        uri, name = study_tracking(study)
+    rep = write_report(uri, name, study / "report")
+    print(rep["markdown"])
+    console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, curves.png, pareto.png)",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def ui(
+    study: Path = typer.Argument(..., help="A study directory."),
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+):
+    """Start the MLflow UI on the study's tracking store (127.0.0.1 unless told otherwise)."""
+    import subprocess
+
+    from orchestrator.report import study_tracking
+
+    uri, _ = study_tracking(study)
+    console.print(f"MLflow UI on http://{host}:{port} for {uri}", highlight=False, soft_wrap=True)
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                                      "--host", host, "--port", str(port)]))
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or x != x else f"{x:.4f}"
 

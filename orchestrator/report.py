@@ -1,0 +1,152 @@
+"""Reports built from MLflow: the paper-style table (mean ± std over seeds), curves, Pareto front."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+COLUMNS = ("top_acc", "top_epoch", "nf_acc", "total_knowledge")
+HEADERS = ("Top Acc", "Epoch", "NF Acc", "Total Knowledge")
+
+
+def collect(tracking_uri: str, experiment: str) -> list[dict]:
+    """One row per finished or failed trial run of the experiment (the study's children)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainables.errors import InputError
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise InputError(tracking_uri, f"no MLflow experiment named {experiment!r}")
+    rows = []
+    for r in client.search_runs([exp.experiment_id], "tags.`taalm.role` = 'trial'", max_results=10000,
+                                order_by=["attributes.start_time ASC"]):
+        row = {"label": r.data.tags.get("taalm.label", r.info.run_name), "seed": r.data.tags.get("taalm.seed"),
+               "status": r.info.status, "failure": r.data.tags.get("taalm.failure"), "run_id": r.info.run_id}
+        for k in COLUMNS:
+            row[k] = r.data.metrics.get(k)
+        curves = {}
+        for name in ("to_learn_acc", "ntf_acc"):
+            curves[name] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, name)}
+        row["curves"] = curves
+        rows.append(row)
+    return rows
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and x == x]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def table(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds per label, in first-seen order; failed trials are counted, not dropped."""
+    order, groups = [], {}
+    for r in rows:
+        if r["label"] not in groups:
+            order.append(r["label"])
+            groups[r["label"]] = []
+        groups[r["label"]].append(r)
+    out = []
+    for label in order:
+        done = [r for r in groups[label] if r["status"] == "FINISHED"]
+        entry = {"method": label, "seeds": len(done), "failed": len(groups[label]) - len(done)}
+        for k in COLUMNS:
+            entry[k], entry[k + "_std"] = _mean_std([r[k] for r in done])
+        out.append(entry)
+    return out
+
+
+def markdown(tab: list[dict]) -> str:
+    def cell(e, k):
+        m, s = e[k], e[k + "_std"]
+        if m != m:
+            return "n/a"
+        return f"{m:.1f} ± {s:.1f}" if k == "top_epoch" else f"{m:.4f} ± {s:.4f}"
+
+    lines = ["| method | " + " | ".join(HEADERS) + " | seeds | failed |",
+             "|---|" + "---|" * (len(HEADERS) + 2)]
+    for e in tab:
+        lines.append(f"| {e['method']} | " + " | ".join(cell(e, k) for k in COLUMNS)
+                     + f" | {e['seeds']} | {e['failed']} |")
+    return "\n".join(lines)
+
+
+def write_report(tracking_uri: str, experiment: str, out_dir: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = collect(tracking_uri, experiment)
+    tab = table(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown(tab)
+    (out_dir / "table.md").write_text(md + "\n")
+    t = pa.Table.from_pylist(tab)
+    pacsv.write_csv(t, out_dir / "table.csv")
+    pq.write_table(t, out_dir / "table.parquet")
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "curves"} for r in rows]),
+                   out_dir / "trials.parquet")
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for label in [e["method"] for e in tab]:
+        for ax, name in zip(axes, ("to_learn_acc", "ntf_acc")):
+            per_seed = [r["curves"][name] for r in rows if r["label"] == label and r["curves"].get(name)]
+            if not per_seed:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+            ax.plot(steps, [sum(c[s] for c in per_seed) / len(per_seed) for s in steps], "-o", ms=3, label=label)
+    for ax, title in zip(axes, ("TO-LEARN accuracy", "NOT-TO-FORGET accuracy")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel("accuracy (mean over seeds)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    pts = [(e["top_acc"], e["nf_acc"], e["method"]) for e in tab if e["top_acc"] == e["top_acc"]]
+    front = pareto_front([(p[0], p[1]) for p in pts])
+    for x, y, name in pts:
+        ax.scatter(x, y, color="C3" if (x, y) in front else "C0")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if front:
+        fx, fy = zip(*sorted(front))
+        ax.plot(fx, fy, "--", color="C3", lw=1)
+    ax.set_xlabel("Top Acc (plasticity)")
+    ax.set_ylabel("NF Acc (stability)")
+    ax.set_title("plasticity–stability", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pareto.png", dpi=120)
+    plt.close(fig)
+    return {"markdown": md, "table": tab, "dir": str(out_dir)}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated in (maximise x, maximise y)."""
+    return [p for p in points
+            if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)]
+
+
+def study_tracking(study_dir: Path) -> tuple[str, str]:
+    import json
+
+    from trainables.errors import InputError
+
+    f = Path(study_dir) / "study.json"
+    if not f.is_file():
+        raise InputError(str(study_dir), "not a study directory (no study.json): run `taalm ablate` first")
+    s = json.loads(f.read_text())
+    return s["tracking_uri"], s["name"]
+
+
