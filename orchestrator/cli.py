@@ -228,8 +228,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except InputError as e:
-        console.print(f"[bold red]error[/]: {e.where}: {e.message}" if e.where else f"[bold red]error[/]: {e}",
-                      highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        text = f"{e.where}: {e.message}" if e.where else str(e)
+        console.print(f"[bold red]error[/]: {escape(text)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

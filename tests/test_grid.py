@@ -1,0 +1,96 @@
+"""Ablation-grid expansion on crafted specs, and every bad grid stopping before any trial (exit 2)."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.grid import GridSpec, expand, load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_product_zip_exclude():
+    spec = GridSpec(name="g", axes={"weighting.scheme": ["uniform", "oracle"], "train.lr": [1e-3, 1e-4]},
+                    zip=[{"train.epochs": [1, 2, 3], "train.batch_size": [4, 8, 16]}],
+                    exclude=[{"weighting.scheme": "oracle", "train.lr": 1e-4}, {"train.epochs": 3}])
+    combos = expand(spec)
+    # 2 x 2 x 3 = 12, minus oracle+1e-4 (x3 zip rows = 3), minus epochs 3 rows not already removed (3)
+    assert len(combos) == 12 - 3 - 3
+    assert all((c["train.epochs"], c["train.batch_size"]) in {(1, 4), (2, 8)} for c in combos)
+    assert not any(c["weighting.scheme"] == "oracle" and c["train.lr"] == 1e-4 for c in combos)
+
+
+def test_no_axes_is_one_trial_per_seed(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text(f"name: single\nbase: {ROOT / 'examples' / 'run_tiny.yaml'}\nseeds: [3, 4]\n")
+    spec, trials, meta = load_grid(p)
+    assert [t.seed for t in trials] == [3, 4] and meta is None
+    assert trials[0].config.seed == 3 and trials[0].key != trials[1].key
+
+
+def test_trials_from_the_smoke_grid():
+    spec, trials, meta = load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ["seeds=[0,1]"])
+    assert [(t.label, t.seed) for t in trials] == [("Finetune", 0), ("Finetune", 1), ("Oracle", 0), ("Oracle", 1)]
+    assert all(t.config.train.epochs == 2 for t in trials)
+    assert trials[2].config.weighting.scheme == "oracle"
+    assert len({t.key for t in trials}) == 4
+
+
+def test_table9_grid_expands_with_a_meta_stage():
+    spec, trials, meta = load_grid(ROOT / "ablations" / "table9_token_weighting.yaml")
+    labels = [t.label for t in trials]
+    for name in ("Finetune", "TAALM", "Oracle", "RHO-1", "Known-mask", "Random", "TAALM + Known-mask"):
+        assert name in labels, name
+    assert meta is not None and any(t.needs_phi for t in trials)
+    # identical data, model and hyper-parameters apart from the weighting
+    cfgs = {t.label: t.config.model_dump() for t in trials if t.seed == spec.seeds[0]}
+    for c in cfgs.values():
+        c["weighting"] = None
+    assert len({repr(c) for c in cfgs.values()}) == 1
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    return e.value.code, " ".join(capsys.readouterr().err.split())
+
+
+BAD = [
+    ("unknown key", "name: g\nbase: BASE\naxis:\n  train.lr: [1]\n", ["g.yaml:3 (axis)", "unknown key"]),
+    ("empty axis", "name: g\nbase: BASE\naxes:\n  train.lr: []\n", ["g.yaml:3 (axes)", "no values"]),
+    ("zip lengths", "name: g\nbase: BASE\nzip:\n  - {train.lr: [1, 2], train.epochs: [1]}\n",
+     ["(zip)", "equal"]),
+    ("bad value in axis", "name: g\nbase: BASE\naxes:\n  train.lr: [0.1, -1]\n",
+     ["g.yaml:4", "train.lr", "greater than 0", "seed 0"]),
+    ("unknown scheme in axis", "name: g\nbase: BASE\naxes:\n  weighting.scheme: [uniform, oracel]\n",
+     ["weighting.scheme", "unknown weighting scheme 'oracel'"]),
+    ("missing base", "name: g\nbase: nowhere.yaml\n", ["(base)", "not found"]),
+    ("all excluded", "name: g\nbase: BASE\naxes:\n  train.lr: [0.1]\nexclude:\n  - {train.lr: 0.1}\n",
+     ["(exclude)", "every trial"]),
+    ("taalm without phi", "name: g\nbase: BASE\naxes:\n  weighting.scheme: [train_attention]\n",
+     ["(meta)", "meta"]),
+    ("bad name", "name: 'a b'\nbase: BASE\n", ["(name)"]),
+    ("repeated seeds", "name: g\nbase: BASE\nseeds: [1, 1]\n", ["(seeds)", "repeats"]),
+    ("bad resources", "name: g\nbase: BASE\nresources: {workers: 0}\n", ["(resources.workers)"]),
+]
+
+
+@pytest.mark.parametrize("name,text,fragments", BAD, ids=[b[0] for b in BAD])
+def test_bad_grid_exits_2_before_anything(name, text, fragments, tmp_path, capsys):
+    p = tmp_path / "g.yaml"
+    p.write_text(text.replace("BASE", str(ROOT / "examples" / "run_tiny.yaml")))
+    out = tmp_path / "studies"
+    code, err = run_cli(["ablate", str(p), "--out", str(out)], capsys)
+    assert code == 2, err
+    for f in fragments:
+        assert f in err, (f, err)
+    assert not out.exists()
+
+
+def test_bad_grid_set_override(tmp_path, capsys):
+    code, err = run_cli(["ablate", str(ROOT / "ablations" / "smoke_tiny.yaml"), "--out", str(tmp_path / "s"),
+                         "--set", "resources.max_concurrent=0"], capsys)
+    assert code == 2 and "--set resources.max_concurrent" in err
+    assert not (tmp_path / "s").exists()
