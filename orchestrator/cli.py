@@ -130,6 +130,32 @@ def ablate(
 
 
 @app.command()
+def tune(
+    space: Path = typer.Argument(..., help="Search space (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a search-space key: dotted.key=value."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Root of study directories (OUT/<name>/)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+):
+    """Search hyper-parameters with Optuna under Ray Tune (TPE; NSGA-II for two objectives; optional ASHA)."""
+    from orchestrator.search import load_search
+
+    spec, _ = load_search(space, set_)  # validated before Ray or MLflow start
+    console.print(f"[bold]{spec.name}[/]: {spec.num_samples} trials, objectives "
+                  f"{', '.join(o.metric + ' ' + o.mode for o in spec.objectives)}", highlight=False)
+    from orchestrator.progress import TuneProgress
+    from orchestrator.report import write_report
+    from orchestrator.search import run_search
+
+    r = run_search(space, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus)
+    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
+    print(rep["markdown"])
+    console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
 def report(
     study: Path = typer.Argument(..., help="A study directory (OUT/<grid name>) written by `taalm ablate`."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),

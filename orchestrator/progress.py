@@ -13,7 +13,7 @@ def _console():
 
 class TuneProgress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        t = trial.config["t"]
+        t = trial.config.get("t", {"trial_key": trial.trial_id, "run": {"seed": "-"}})
         if "epoch" in result:
             _console().print(f"  {t.get('label', t['trial_key'])} (seed {t['run']['seed']}) epoch {result['epoch']}: "
                              f"TO-LEARN {result['to_learn_acc']:.3f}  NTF {result['ntf_acc']:.3f}", highlight=False)
@@ -23,8 +23,9 @@ class TuneProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = sum(t.status == "TERMINATED" for t in trials) + 1
-        _console().print(f"trial done: {trial.config['t'].get('label', trial.config['t']['trial_key'])} "
+        t = trial.config.get("t", {"trial_key": trial.trial_id})
+        _console().print(f"trial done: {t.get('label', t['trial_key'])} "
                          f"({min(done, len(trials))}/{len(trials)})", highlight=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        _console().print(f"trial FAILED: {trial.config['t']['trial_key']}", highlight=False)
+        _console().print(f"trial FAILED: {trial.trial_id}", highlight=False)

@@ -91,15 +91,18 @@ class Study:
 class MlflowTrials(tune.Callback):
     """Tune callback: child run per trial, per-epoch metrics (step = epoch), final metrics, artifacts."""
 
-    def __init__(self, study: Study, trial_info: dict[str, dict]):
+    def __init__(self, study: Study, trial_info: dict[str, dict], describe=None):
         self.study = study
-        self.info = trial_info  # trial key -> {"label", "seed", "params", "config", "role", "tags"}
+        self.info = trial_info  # trial key -> {"run_name", "params", "config", "role", "tags"}
+        self.describe = describe  # trial -> info, for trials not known in advance (searches)
         self.run_ids: dict[str, str] = {}
         self.logged: dict[str, set] = {}
         self.curves: dict[str, dict[str, dict[int, float]]] = {}
 
     def _run(self, trial) -> tuple[str, str]:
-        key = trial.config["t"]["trial_key"]
+        key = trial.config["t"]["trial_key"] if "t" in trial.config else trial.trial_id
+        if key not in self.info and self.describe is not None:
+            self.info[key] = self.describe(trial)
         if key not in self.run_ids:
             meta = self.info[key]
             rid = self.study.child(key, meta["run_name"], meta["role"], meta["params"], meta["tags"])
