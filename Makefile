@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch 2.13.0: the CPU build where a local wheel is configured, the registry build (CUDA) elsewhere
 TORCH_SPEC ?= torch==2.13.0
-DEMO_OUT ?= runs/demo
+DEMO_OUT ?= runs
 
 .PHONY: install demo test clean
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/taalm run examples/run_smollm2_mini.yaml --out $(DEMO_OUT)
+	$(BIN)/taalm ablate ablations/table9_token_weighting.yaml --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q

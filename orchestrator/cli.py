@@ -156,6 +156,31 @@ def tune(
 
 
 @app.command()
+def resume(
+    study: Path = typer.Argument(..., help="A study directory (OUT/<name>) of an interrupted `taalm ablate`."),
+    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
+):
+    """Resume an interrupted ablation: finished trials are kept, the others continue from their checkpoints."""
+    import json
+
+    f = study / "study.json"
+    if not f.is_file():
+        raise InputError(str(study), "not a study directory (no study.json)")
+    s = json.loads(f.read_text())
+    if s.get("kind") != "grid":
+        raise InputError(str(f), "only ablation studies (taalm ablate) can be resumed; re-run `taalm tune`")
+    from orchestrator.progress import TuneProgress
+    from orchestrator.report import write_report
+    from orchestrator.study import run_ablation
+
+    r = run_ablation(s["grid"], s["overrides"], s["out_root"], address, s["tracking_uri"], progress=TuneProgress(),
+                     num_cpus=num_cpus, resume=True)
+    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
+    print(rep["markdown"])
+
+
+@app.command()
 def report(
     study: Path = typer.Argument(..., help="A study directory (OUT/<grid name>) written by `taalm ablate`."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),

@@ -39,6 +39,12 @@ class Resources(BaseModel):
     max_concurrent: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0)  # retries of a failed trial
     torch_threads: int = Field(1, ge=1)
+    # CPUs (and torch threads) of the meta-training stage's single worker; default: what the grid
+    # uses at once (cpus_per_worker x workers x max_concurrent), since the stage runs alone
+    meta_cpus: Optional[float] = Field(None, gt=0)
+
+    def meta_cpu_count(self) -> float:
+        return self.meta_cpus or self.cpus_per_worker * self.workers * self.max_concurrent
 
 
 class MetaStage(BaseModel):

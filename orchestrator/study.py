@@ -35,7 +35,7 @@ def phi_cache_dir(meta_cfg: dict) -> Path:
 
 
 def _tune(trial_dicts: list[dict], info: dict, study: Study, name: str, study_dir: Path, spec: GridSpec,
-          progress: Optional[Callable] = None):
+          progress: Optional[Callable] = None, resume: bool = False):
     from ray import tune
 
     from .ray_trainables import trial_driver
@@ -43,9 +43,16 @@ def _tune(trial_dicts: list[dict], info: dict, study: Study, name: str, study_di
     callbacks: list = [MlflowTrials(study, info)]
     if progress is not None:
         callbacks.append(progress)
+    # the driver only waits for its Ray Train run: it holds no CPU (a token of memory keeps the bundle non-empty)
+    trainable = tune.with_resources(trial_driver, tune.PlacementGroupFactory([{"CPU": 0, "memory": 1024 ** 2}]))
+    path = (study_dir / "tune" / name).resolve()
+    if resume and tune.Tuner.can_restore(str(path)):
+        # finished trials are kept; unfinished and errored ones run again, each Ray Train run restoring
+        # from its own latest checkpoint (same run name and storage path)
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space={"t": tune.grid_search(trial_dicts)}).fit()
     tuner = tune.Tuner(
-        # the driver only waits for its Ray Train run: it holds no CPU (a token of memory keeps the bundle non-empty)
-        tune.with_resources(trial_driver, tune.PlacementGroupFactory([{"CPU": 0, "memory": 1024 ** 2}])),
+        trainable,
         param_space={"t": tune.grid_search(trial_dicts)},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent,
                                     trial_dirname_creator=lambda t: f"{t.config['t']['trial_key']}"),
@@ -57,7 +64,7 @@ def _tune(trial_dicts: list[dict], info: dict, study: Study, name: str, study_di
 
 
 def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: Study, study_dir: Path,
-                   progress=None) -> dict[int, str]:
+                   progress=None, resume: bool = False) -> dict[int, str]:
     """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice)."""
     from trainables.data import load_lama
 
@@ -72,11 +79,13 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
         info[key] = {"run_name": f"meta-train seed {seed}", "role": "meta", "params": flatten_meta(cfg),
                      "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}
         if not (d / "phi" / "phi.json").is_file():
+            cpus = spec.resources.meta_cpu_count()
             todo.append({"kind": "meta", "trial_key": key, "meta": cfg, "phi_dir": str(d),
-                         "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
+                         "resources": dict(spec.resources.model_dump(), workers=1, cpus_per_worker=cpus),
+                         "torch_threads": max(1, int(cpus)),
                          "storage_path": str((study_dir / "train").resolve())})
     if todo:
-        results = _tune(todo, info, study, f"{spec.name}-meta", study_dir, spec, progress)
+        results = _tune(todo, info, study, f"{spec.name}-meta", study_dir, spec, progress, resume)
         errors = [r.error for r in results if r.error]
         if errors:
             raise RuntimeError(f"meta-training failed: {errors[0]}")
@@ -89,18 +98,19 @@ def flatten_meta(cfg: dict) -> dict:
 
 def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                  address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
-                 num_cpus: Optional[int] = None) -> dict:
+                 num_cpus: Optional[int] = None, resume: bool = False) -> dict:
     spec, trials, meta_cfg = load_grid(grid_path, overrides)  # everything validated before anything starts
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
     write_json_atomic(study_dir / "study.json", {
-        "grid": str(Path(grid_path).resolve()), "overrides": overrides or [], "tracking_uri": uri,
+        "kind": "grid", "grid": str(Path(grid_path).resolve()), "overrides": overrides or [], "tracking_uri": uri,
+        "out_root": str(Path(out_root).resolve()),
         "name": spec.name, "trials": [{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]})
     init_ray(address, num_cpus)
     study = Study(uri, spec.name, study_dir)
     if meta_cfg is not None:
-        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress)
+        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume)
         for t in trials:
             if t.needs_phi and not t.config.weighting.train_attention.phi:
                 phi = phis.get(t.seed, next(iter(phis.values())))
@@ -115,7 +125,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
         dicts.append({"kind": "continual", "trial_key": t.key, "label": t.label, "run": cfg,
                       "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
                       "storage_path": str((study_dir / "train").resolve())})
-    results = _tune(dicts, info, study, spec.name, study_dir, spec, progress)
+    results = _tune(dicts, info, study, spec.name, study_dir, spec, progress, resume)
     failed = [r for r in results if r.error]
     study.finish("FAILED" if failed and len(failed) == len(dicts) else "FINISHED")
     return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name, "trials": len(dicts),

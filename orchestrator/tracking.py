@@ -67,6 +67,16 @@ class Study:
             self.parent_id = self.client.create_run(self.experiment_id, run_name=name, tags={
                 "taalm.role": "study", "taalm.code_version": code_version()}).info.run_id
 
+    def __getstate__(self):
+        # Tune pickles its callbacks with the experiment state: keep ids, rebuild the client on load
+        return {k: v for k, v in self.__dict__.items() if k != "client"}
+
+    def __setstate__(self, state):
+        from mlflow.tracking import MlflowClient
+
+        self.__dict__.update(state)
+        self.client = MlflowClient(self.uri)
+
     def child(self, key: str, run_name: str, role: str, params: dict, tags: dict) -> str:
         found = self.client.search_runs(
             [self.experiment_id], f"tags.`taalm.trial_key` = '{key}' and tags.`taalm.role` = '{role}'", max_results=5)

@@ -94,5 +94,9 @@ def test_ties_are_not_correct():
 def test_summary_metrics():
     s = summarize([0.0, 0.2, 0.5, 0.5, 0.4], [0.9, 0.8, 0.7, 0.6, 0.5])
     assert s == {"top_acc": 0.5, "top_epoch": 2, "nf_acc": 0.7, "total_knowledge": pytest.approx(1.2)}
-    s = summarize([0.0, 0.0], [1.0, 0.5])
-    assert s["top_epoch"] == 0 and s["nf_acc"] == 1.0
+    # epoch 0 (before training) does not count once an epoch was trained: a run that learns nothing
+    # reports its first epoch and the NOT-TO-FORGET accuracy after it, not the untouched model's
+    s = summarize([0.0, 0.0, 0.0], [1.0, 0.5, 0.25])
+    assert s["top_epoch"] == 1 and s["nf_acc"] == 0.5
+    s = summarize([0.3], [0.9])  # no training epoch: epoch 0 is all there is
+    assert s == {"top_acc": 0.3, "top_epoch": 0, "nf_acc": 0.9, "total_knowledge": pytest.approx(1.2)}

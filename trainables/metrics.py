@@ -79,11 +79,13 @@ def mean(xs: Sequence[float]) -> float:
 
 
 def summarize(to_learn_acc: Sequence[float], ntf_acc: Sequence[float]) -> dict:
-    """Top Acc = max TO-LEARN accuracy over epochs (epoch 0 included); Epoch = the first epoch reaching
-    it; NF Acc = NOT-TO-FORGET accuracy at that epoch; Total Knowledge = Top Acc + NF Acc."""
+    """Top Acc = max TO-LEARN accuracy over the training epochs (1..N; epoch 0, before training, only
+    when no epoch was trained); Epoch = the first epoch reaching it; NF Acc = NOT-TO-FORGET accuracy at
+    that epoch; Total Knowledge = Top Acc + NF Acc."""
     if not to_learn_acc:
         raise ValueError("empty learning curve")
-    top = max(to_learn_acc)
-    epoch = next(i for i, a in enumerate(to_learn_acc) if a == top)
+    first = 1 if len(to_learn_acc) > 1 else 0
+    top = max(to_learn_acc[first:])
+    epoch = next(i for i in range(first, len(to_learn_acc)) if to_learn_acc[i] == top)
     nf = ntf_acc[epoch] if epoch < len(ntf_acc) else float("nan")
     return {"top_acc": top, "top_epoch": epoch, "nf_acc": nf, "total_knowledge": top + nf}
