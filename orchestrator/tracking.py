@@ -168,7 +168,7 @@ class MlflowTrials(tune.Callback):
         else:
             self.study.client.log_dict(rid, meta["config"], "meta_config.json")
             phi = Path(meta["tags"].get("taalm.phi_dir", ""))
-            for f in ("phi.json", "heatmap.html", "meta_metrics.json"):
+            for f in ("phi.json", "phi.safetensors", "heatmap.html", "meta_metrics.json"):
                 for cand in (phi / f, phi.parent / f):
                     if cand.is_file():
                         self.study.client.log_artifact(rid, str(cand))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
 
@@ -37,14 +37,20 @@ class ModelConfig(_Strict):
     tiny: TinyModelConfig = TinyModelConfig()
 
 
+class KAdapterOptions(_Strict):
+    layers: list[int] = []  # decoder layers to adapt; default: first, middle and last
+    bottleneck: int = Field(64, ge=1)
+
+
 class ParamsConfig(_Strict):
     """Which parameters of θ train (the parameterisation axis)."""
 
-    kind: Literal["lora", "full", "qlora"] = "lora"
+    kind: Literal["lora", "full", "qlora", "kadapter"] = "lora"
     r: int = Field(64, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     target_modules: Union[str, list[str]] = "all-linear"
+    kadapter: KAdapterOptions = KAdapterOptions()
 
 
 class DataConfig(_Strict):
@@ -123,6 +129,43 @@ def scheme_names(scheme: Union[str, list[str]]) -> list[str]:
     return names
 
 
+class RecAdamOptions(_Strict):
+    anneal: Literal["sigmoid", "linear", "constant"] = "sigmoid"
+    k: float = Field(0.5, gt=0)
+    t0: int = Field(250, ge=1)  # annealing midpoint, in optimizer steps
+    pretrain_coef: float = Field(5000.0, ge=0)  # γ of the quadratic pull towards θ*
+
+
+class RegularizerConfig(_Strict):
+    kind: Literal["none", "recadam"] = "none"
+    recadam: RecAdamOptions = RecAdamOptions()
+
+
+class GeReOptions(_Strict):
+    loss: Literal["margin", "kl", "l1", "l2"] = "margin"  # margin = threshold-margin (TM) on hidden states
+    threshold: float = Field(0.1, ge=0)  # TM: no penalty while |h - h_ref| stays within this margin
+    coef: float = Field(1.0, ge=0)
+    layers: list[int] = []  # hidden-state layers constrained; default: the last
+
+
+class SeekrOptions(_Strict):
+    head_budget: int = Field(8, ge=1)  # attention heads distilled
+    coef: float = Field(1.0, ge=0)
+    alpha: float = Field(0.5, ge=0, le=1)  # ranking: alpha·forgettability + (1-alpha)·sensitivity (normalised)
+    probe_batches: int = Field(2, ge=1)  # batches used to rank heads
+
+
+class ReplayConfig(_Strict):
+    kind: Literal["none", "mix_review", "gere", "seekr"] = "none"
+    # disjoint: evidence of LAMA facts outside TO-LEARN and NOT-TO-FORGET; ntf: the release's (leaky)
+    # choice, replaying the NOT-TO-FORGET evidence itself; or a JSONL file with a `text` field per line
+    pool: str = "disjoint"
+    ratio: float = Field(1.0, gt=0)  # replayed documents per new document in each batch
+    size: Optional[int] = Field(None, ge=1)  # buffer size (seeded subsample of the pool)
+    gere: GeReOptions = GeReOptions()
+    seekr: SeekrOptions = SeekrOptions()
+
+
 class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
 
@@ -139,8 +182,18 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     weighting: WeightingConfig = WeightingConfig()
+    regularizer: RegularizerConfig = RegularizerConfig()
+    replay: ReplayConfig = ReplayConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _stable_recadam(self):
+        r = self.regularizer
+        if r.kind == "recadam" and r.recadam.pretrain_coef * self.train.lr >= 2.0:
+            raise ValueError("regularizer.recadam.pretrain_coef × train.lr must be < 2, or the pull towards "
+                             "the pre-trained weights overshoots and diverges")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -85,28 +85,29 @@ class RunSetup:
     ntf_probes: list[EncodedProbe]
     weighting: object
     data_hash: str
+    replay: object = None  # trainables.replay.Replay or None
+    reference: object = None  # forward of the frozen initial θ, when a method needs it
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
 
-def _reference_nll_fn(model, frozen_copy, device):
-    """nll of the frozen initial θ: adapters disabled (LoRA) or a frozen copy (full fine-tuning)."""
+def _reference_fn(model, frozen_copy):
+    """Forward pass of the frozen initial θ: adapters disabled (LoRA) or a frozen copy (full, K-Adapter)."""
 
     @torch.no_grad()
-    def ref(ids, mask):
-        was = model.training
+    def ref(ids, mask, hidden: bool = False, attentions: bool = False):
+        kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, output_attentions=attentions)
         if frozen_copy is not None:
-            logits = frozen_copy(input_ids=ids, attention_mask=mask).logits
-        else:
-            model.eval()
-            try:
-                with model.disable_adapter():
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-            finally:
-                model.train(was)
-        return token_nll(logits, ids, mask)
+            return frozen_copy(**kw)
+        was = model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                return model(**kw)
+        finally:
+            model.train(was)
 
     return ref
 
@@ -130,20 +131,32 @@ def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
 
     env = SchemeEnv(tokenizer=tokenizer, device=device)
     weighting = build_weighting(cfg.weighting, env)
+    from .replay import build_replay
+
+    replay = build_replay(cfg.replay, tokenizer, split, lama, cfg.train.max_length, cfg.seed)
+    needs_reference = weighting.needs_reference or bool(replay and replay.needs_reference)
     frozen_copy = None
-    if weighting.needs_reference and cfg.params.kind == "full":
+    if needs_reference and cfg.params.kind in ("full", "kadapter"):
         frozen_copy = copy.deepcopy(base).eval()
     seed_everything(cfg.seed)  # adapter initialisation does not depend on what ran before
     model = apply_params(base, cfg.params)
+    reference = _reference_fn(model, frozen_copy) if needs_reference else None
     if weighting.needs_reference:
-        env.reference_nll = _reference_nll_fn(model, frozen_copy, device)
+        env.reference_nll = lambda ids, mask: token_nll(reference(ids, mask).logits, ids, mask)
     model.train()
-    return RunSetup(cfg, device, tokenizer, model, trainable_parameters(model), split, docs, to_learn_probes,
-                    ntf_probes, weighting, lama.hash)
+    setup = RunSetup(cfg, device, tokenizer, model, trainable_parameters(model), split, docs, to_learn_probes,
+                     ntf_probes, weighting, lama.hash, replay, reference)
+    if replay is not None:
+        replay.setup(setup, reference)
+    return setup
 
 
 def make_optimizer(cfg: RunConfig, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
     t = cfg.train
+    if cfg.regularizer.kind == "recadam":
+        from .regularizers import RecAdam
+
+        return RecAdam(params, lr=t.lr, opts=cfg.regularizer.recadam, weight_decay=t.weight_decay)
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -202,25 +215,42 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 
 
 def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generator,
-               dp: Optional[DataParallel] = None) -> tuple[float, float, int]:
-    """One weighted update on a global batch (this worker's shard of it under data parallelism).
-    Returns (loss, mean weight over real positions, number of real tokens), all global."""
-    n_global = len(batch_docs)
-    mine = dp.shard(batch_docs) if dp else batch_docs
+               dp: Optional[DataParallel] = None, epoch: int = 0, step: int = 0) -> tuple[float, float, int]:
+    """One weighted update on a global batch (this worker's shard of it under data parallelism), with
+    the replay method's documents mixed in and its extra loss added.
+    Returns (loss, mean weight over real positions of the new documents, number of real tokens), all global."""
+    replayed = setup.replay.sample(len(batch_docs), epoch, step) if setup.replay is not None else []
+    n_global = len(batch_docs) + len(replayed)
+    mine_new = dp.shard(batch_docs) if dp else batch_docs
+    mine_rep = dp.shard(replayed) if dp else replayed
+    mine = mine_new + mine_rep
     optimizer.zero_grad(set_to_none=True)
-    stats = torch.zeros(3, dtype=torch.float64)  # loss·n, Σw, real tokens
+    stats = torch.zeros(4, dtype=torch.float64)  # loss, Σw (new docs), real positions (new docs), real tokens
     if mine:
         batch = {k: v.to(setup.device) for k, v in collate(mine, setup.pad_id).items()}
-        out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        rep = setup.replay
+        out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=bool(rep and rep.needs_hidden),
+                          output_attentions=bool(rep and rep.needs_attentions))
         nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
         ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
                             logits=out.logits.detach() if setup.weighting.needs_logits else None,
                             object_mask=batch["object_mask"], generator=generator)
         w = setup.weighting(ctx).to(nll.device)
+        replay_rows = torch.zeros(len(mine), dtype=torch.bool, device=nll.device)
+        replay_rows[len(mine_new):] = True
+        if mine_rep:  # replayed documents are trained with the plain LM loss
+            w = torch.where(replay_rows.unsqueeze(1), ctx.pred_mask.to(w.dtype), w)
         # the global loss is a mean over the global batch's sequences: scale this shard's mean
         loss = weighted_loss(nll, w) * (len(mine) / n_global)
+        if rep is not None:
+            extra = rep.extra_loss(out, batch, replay_rows, setup.reference)
+            if extra is not None:
+                loss = loss + extra * (len(mine_rep) / max(len(replayed), 1))
         loss.backward()
-        stats += torch.tensor([loss.item(), w.sum().item(), ctx.pred_mask.sum().item()], dtype=torch.float64)
+        new_mask = ctx.pred_mask[~replay_rows]
+        stats += torch.tensor([loss.item(), w[~replay_rows].sum().item(), new_mask.sum().item(),
+                               ctx.pred_mask.sum().item()], dtype=torch.float64)
     if dp:
         for p in setup.trainable.values():
             if p.grad is None:
@@ -230,7 +260,7 @@ def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generat
     if setup.cfg.train.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(setup.trainable.values()), setup.cfg.train.max_grad_norm)
     optimizer.step()
-    return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[2].item())
+    return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[3].item())
 
 
 _RESUME_IGNORED = ("train.epochs", "checkpoint.every")
@@ -273,6 +303,8 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         train_tokens, train_seconds = state["train_tokens"], state["train_seconds"]
 
     info = {"n_to_learn": len(setup.split.to_learn), "n_ntf": len(setup.split.ntf),
+            "replay_pool": setup.replay.description if setup.replay is not None else None,
+            "seekr_heads": getattr(setup.replay, "heads", None),
             "n_trainable_params": sum(p.numel() for p in setup.trainable.values()),
             "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch}
     for cb in callbacks:
@@ -305,7 +337,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         losses, weights, t0 = [], [], time.perf_counter()
         for step, idx in enumerate(batches):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + step)
-            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen, dp)
+            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen, dp, epoch, step)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
             losses.append(loss)

@@ -24,7 +24,7 @@ def encode_document(tokenizer, text: str, obj: str, max_length: int) -> EncodedD
     kept_end = max((e for s, e in offsets), default=0)
     start = text.rfind(obj, 0, kept_end)
     mask = [0] * len(offsets)
-    if start >= 0 and start + len(obj) <= kept_end:
+    if obj and start >= 0 and start + len(obj) <= kept_end:
         for i in object_token_positions(offsets, start, start + len(obj)):
             mask[i] = 1
     return EncodedDoc(list(enc["input_ids"]), mask)

@@ -197,6 +197,10 @@ def apply_params(model, params: ParamsConfig):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if params.kind == "kadapter":
+        from .adapters import apply_kadapter
+
+        return apply_kadapter(model, params.kadapter)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if params.kind == "qlora":

@@ -1,0 +1,70 @@
+"""Regularisers of θ's update (the regulariser axis). RecAdam (Chen et al. 2020): Adam whose step is
+annealed from a quadratic pull towards the pre-trained weights θ* to the task update:
+
+    θ ← θ - lr · [ λ(t) · adam_step(g)  +  (1 - λ(t)) · γ · (θ - θ*) ]
+
+with λ(t) = sigmoid(k · (t - t0)) (the release: k 0.5, t0 250, γ "pretrain coefficient" 5000), or a
+linear ramp min(1, t / t0), or constant 1 (plain Adam). θ* is the trainable parameters at start (for
+LoRA: the initial adapter, i.e. the pre-trained function).
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+
+from .config import RecAdamOptions
+
+
+def anneal_lambda(step: int, opts: RecAdamOptions) -> float:
+    if opts.anneal == "sigmoid":
+        return 1.0 / (1.0 + math.exp(-opts.k * (step - opts.t0)))
+    if opts.anneal == "linear":
+        return min(1.0, step / opts.t0)
+    return 1.0
+
+
+class RecAdam(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, opts: RecAdamOptions, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        params = list(params)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.opts = opts
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["pretrained"] = p.detach().clone()
+
+    def penalty(self) -> float:
+        """(γ/2) Σ (θ - θ*)², the quadratic term the annealed step descends."""
+        total = 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                total += float(((p.detach() - self.state[p]["pretrained"]) ** 2).sum())
+        return 0.5 * self.opts.pretrain_coef * total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    st["step"] = torch.zeros((), dtype=torch.float64)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = int(st["step"].item())
+                g = p.grad
+                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                adam = (st["exp_avg"] / (1 - b1 ** t)) / denom
+                lam = anneal_lambda(t, self.opts)
+                update = lam * adam + (1 - lam) * self.opts.pretrain_coef * (p - st["pretrained"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+        return None
+

@@ -1,0 +1,223 @@
+"""Replay methods (the replay axis): what is mixed into each batch, plus its extra loss.
+
+* ``mix_review`` (Mix-review): every batch of n new documents gets round(ratio·n) replayed documents,
+  trained with the plain (uniform-weight) LM loss.
+* ``gere`` (GeRe): replay a fixed general set and constrain the hidden states on it to the original
+  model's: threshold-margin loss mean(relu(|h - h_ref| - τ)) (``margin``), or KL on logits, L1, L2.
+* ``seekr`` (SEEKR): replay a small buffer and distil the attention maps of the ``head_budget`` heads
+  ranked highest by forgettability (how much a head's attention on replay data moves after a trial
+  update on the new data) and task sensitivity (|Σ ∂L_replay/∂A ⊙ A|, first-order importance).
+
+The replay pool is ``disjoint`` by default (evidence of LAMA-CKL facts outside TO-LEARN and
+NOT-TO-FORGET: Wikipedia text, never the evaluation set), ``ntf`` (the release's choice: the
+NOT-TO-FORGET evidence itself, which leaks the evaluation set; labelled as such), or a JSON-lines file
+with a ``text`` field per line. The reference model (the frozen initial θ) is LoRA with adapters
+disabled, or a frozen copy for full fine-tuning and K-Adapter.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .config import ReplayConfig
+from .data import read_jsonl_validated
+from .encode import EncodedDoc, encode_document
+from .registry import Registry
+
+REPLAYS: Registry = Registry("replay method")
+
+
+class TextRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str
+
+
+def load_pool_texts(cfg: ReplayConfig, split, lama) -> tuple[list[str], str]:
+    """(texts, a description of the pool for the metrics)."""
+    if cfg.pool == "disjoint":
+        taken = {f.uuid for f in split.to_learn} | {f.uuid for f in split.ntf}
+        facts = sorted((f for f in lama.all_facts() if f.uuid not in taken), key=lambda f: f.uuid)
+        return [f.evidence for f in facts], "disjoint: LAMA-CKL evidence outside TO-LEARN and NOT-TO-FORGET"
+    if cfg.pool == "ntf":
+        return [f.evidence for f in split.ntf], "ntf (LEAKY: the NOT-TO-FORGET evidence, as the release did)"
+    rows = read_jsonl_validated(Path(cfg.pool), TextRecord)
+    return [r.text for _, r in rows], f"file: {cfg.pool}"
+
+
+class Replay:
+    needs_hidden = False
+    needs_attentions = False
+    needs_reference = False
+
+    def __init__(self, cfg: ReplayConfig, docs: list[EncodedDoc], description: str, seed: int):
+        self.cfg, self.docs, self.description, self.seed = cfg, docs, description, seed
+
+    def sample(self, n_new: int, epoch: int, step: int) -> list[EncodedDoc]:
+        k = max(1, round(self.cfg.ratio * n_new))
+        rng = random.Random(self.seed * 1_000_003 + epoch * 10_007 + step)
+        return [self.docs[i] for i in rng.sample(range(len(self.docs)), min(k, len(self.docs)))]
+
+    def setup(self, run_setup, reference) -> None:
+        """Called once before training (SEEKR ranks its heads here)."""
+
+    def extra_loss(self, out, batch, replay_rows: torch.Tensor, reference) -> Optional[torch.Tensor]:
+        return None
+
+
+@REPLAYS.register("mix_review")
+class MixReview(Replay):
+    pass
+
+
+@REPLAYS.register("gere")
+class GeRe(Replay):
+    needs_reference = True
+
+    @property
+    def needs_hidden(self):
+        return self.cfg.gere.loss != "kl"
+
+    def layers(self, n_states: int) -> list[int]:
+        return self.cfg.gere.layers or [n_states - 1]
+
+    def extra_loss(self, out, batch, replay_rows, reference):
+        if not replay_rows.any():
+            return None
+        g = self.cfg.gere
+        ids, mask = batch["input_ids"][replay_rows], batch["attention_mask"][replay_rows]
+        ref = reference(ids, mask, hidden=g.loss != "kl")
+        m = mask.unsqueeze(-1).to(out.logits.dtype)
+        if g.loss == "kl":
+            logp = torch.log_softmax(out.logits[replay_rows].float(), -1)
+            ref_logp = torch.log_softmax(ref.logits.float(), -1)
+            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+            return g.coef * (kl * mask).sum() / mask.sum()
+        total = 0.0
+        states = out.hidden_states
+        for layer in self.layers(len(states)):
+            d = (states[layer][replay_rows] - ref.hidden_states[layer]) * m
+            if g.loss == "margin":
+                pen = torch.relu(d.abs() - g.threshold)
+            elif g.loss == "l1":
+                pen = d.abs()
+            else:
+                pen = d * d
+            total = total + pen.sum() / (m.sum() * d.size(-1))
+        return g.coef * total / len(self.layers(len(states)))
+
+
+def margin_loss(h: torch.Tensor, h_ref: torch.Tensor, threshold: float) -> torch.Tensor:
+    """GeRe's threshold-margin loss: zero while every |h - h_ref| is within the threshold."""
+    return torch.relu((h - h_ref).abs() - threshold).mean()
+
+
+@REPLAYS.register("seekr")
+class Seekr(Replay):
+    needs_attentions = True
+    needs_reference = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.heads: list[tuple[int, int]] = []
+        self.scores: dict = {}
+
+    def _batches(self, n: int, pad: int):
+        from .encode import collate
+
+        rng = random.Random(self.seed + 17)
+        for _ in range(self.cfg.seekr.probe_batches):
+            yield collate([self.docs[i] for i in rng.sample(range(len(self.docs)), min(n, len(self.docs)))], pad)
+
+    def setup(self, run_setup, reference) -> None:
+        """Rank heads by forgettability and task sensitivity; keep the top ``head_budget``."""
+        model, trainable, device = run_setup.model, run_setup.trainable, run_setup.device
+        pad = run_setup.pad_id
+        from .encode import collate
+        from .loss import prediction_mask, token_nll, weighted_loss
+
+        batches = [{k: v.to(device) for k, v in b.items()}
+                   for b in self._batches(run_setup.cfg.train.batch_size, pad)]
+        sens = None
+        before = []
+        was = model.training
+        model.eval()
+        for b in batches:
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_attentions=True)
+            attn = out.attentions
+            loss = weighted_loss(token_nll(out.logits, b["input_ids"], b["attention_mask"]),
+                                 prediction_mask(b["attention_mask"]))
+            grads = torch.autograd.grad(loss, attn, allow_unused=True)
+            s = torch.stack([(g * a).sum(dim=(0, 2, 3)).abs() if g is not None else torch.zeros(a.size(1))
+                             for g, a in zip(grads, attn)]).detach()
+            sens = s if sens is None else sens + s
+            before.append([a.detach() for a in attn])
+        # trial update on the new documents (restored afterwards): which heads' attention moves
+        saved = {k: p.detach().clone() for k, p in trainable.items()}
+        new = collate(run_setup.docs[: run_setup.cfg.train.batch_size], pad)
+        new = {k: v.to(device) for k, v in new.items()}
+        out = model(input_ids=new["input_ids"], attention_mask=new["attention_mask"])
+        loss = weighted_loss(token_nll(out.logits, new["input_ids"], new["attention_mask"]),
+                             prediction_mask(new["attention_mask"]))
+        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(trainable.values(), grads):
+                if g is not None:
+                    p.add_(g, alpha=-run_setup.cfg.train.lr * 10)
+            forget = None
+            for b, ref_attn in zip(batches, before):
+                attn = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             output_attentions=True).attentions
+                f = torch.stack([(a - r).abs().mean(dim=(0, 2, 3)) for a, r in zip(attn, ref_attn)])
+                forget = f if forget is None else forget + f
+            for k, p in trainable.items():
+                p.copy_(saved[k])
+        model.train(was)
+
+        def norm(x):
+            return (x - x.min()) / (x.max() - x.min() + 1e-12)
+
+        a = self.cfg.seekr.alpha
+        score = a * norm(forget) + (1 - a) * norm(sens)
+        self.scores = {"forgettability": forget.tolist(), "sensitivity": sens.tolist(), "score": score.tolist()}
+        flat = score.flatten()
+        top = torch.sort(flat, descending=True, stable=True).indices[: self.cfg.seekr.head_budget].tolist()
+        n_heads = score.size(1)
+        self.heads = sorted((i // n_heads, i % n_heads) for i in top)
+
+    def extra_loss(self, out, batch, replay_rows, reference):
+        if not replay_rows.any() or not self.heads:
+            return None
+        ids, mask = batch["input_ids"][replay_rows], batch["attention_mask"][replay_rows]
+        ref = reference(ids, mask, attentions=True)
+        return self.cfg.seekr.coef * attention_distillation(
+            [a[replay_rows] for a in out.attentions], ref.attentions, self.heads, mask)
+
+
+def attention_distillation(attn, ref_attn, heads: list[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the selected heads' attention maps (only these heads enter)."""
+    m = mask.to(attn[0].dtype)
+    pair = m.unsqueeze(-1) * m.unsqueeze(-2)  # [B, T, T] real query/key pairs
+    total = 0.0
+    for layer, head in heads:
+        d = attn[layer][:, head] - ref_attn[layer][:, head]
+        total = total + (d * d * pair).sum() / pair.sum()
+    return total / len(heads)
+
+
+def build_replay(cfg: ReplayConfig, tokenizer, split, lama, max_length: int, seed: int) -> Optional[Replay]:
+    if cfg.kind == "none":
+        return None
+    texts, description = load_pool_texts(cfg, split, lama)
+    if cfg.size is not None and cfg.size < len(texts):
+        texts = random.Random(seed + 5).sample(texts, cfg.size)
+    docs = [encode_document(tokenizer, t, "", max_length) for t in texts if t.strip()]
+    if not docs:
+        from .errors import InputError
+
+        raise InputError("replay.pool", "the replay pool is empty")
+    return REPLAYS.get(cfg.kind, "replay.kind")(cfg, docs, description, seed)
