@@ -6,7 +6,7 @@
     axes:                                       # cartesian product
       weighting.scheme: [uniform, oracle]
     zip:                                        # keys that vary together: one more product factor each
-      - {train.lr: [1.0e-3, 3.0e-4], train.epochs: [5, 10]}
+      - {train.lr: [1.0e-3, 3.0e-4], train.epochs: [5, 10], label: [fast, slow]}   # `label`: row names
     exclude:                                    # drop the combinations that match every key given
       - {weighting.scheme: oracle, train.lr: 3.0e-4}
     seeds: [0, 1]
@@ -133,11 +133,16 @@ def expand(spec: GridSpec) -> list[dict[str, Any]]:
 
 
 _MISSING = object()
+LABEL = "label"  # in a zip group: the method name of each row (not a config key)
 
 
 def _label(spec: GridSpec, combo: dict) -> str:
     parts = []
+    if LABEL in combo:
+        parts.append(str(combo[LABEL]))
     for k, v in combo.items():
+        if k == LABEL or any(LABEL in g and k in g for g in spec.zip):
+            continue
         named = spec.labels.get(k, {}).get(str(v))
         parts.append(named if named is not None else f"{k.split('.')[-1]}={v}")
     return " / ".join(parts) if parts else spec.name
@@ -167,7 +172,8 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
         for seed in spec.seeds:
             d = copy.deepcopy(base)
             for k, v in combo.items():
-                _set(d, k, v)
+                if k != LABEL:
+                    _set(d, k, v)
             d["seed"] = seed
             where_line = lines.get(("axes", next(iter(combo), "")), lines.get(("overrides",), 1))
             try:
@@ -176,7 +182,8 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
                 raise InputError(f"{path}:{where_line} ({e.where})",
                                  f"{e.message} [trial {json.dumps(combo, default=str)}, seed {seed}]") from None
             needs_phi = "train_attention" in scheme_names(cfg.weighting.scheme)
-            trials.append(Trial(trial_key(combo, seed), _label(spec, combo), seed, combo, cfg, needs_phi))
+            settings = {k: v for k, v in combo.items() if k != LABEL}
+            trials.append(Trial(trial_key(combo, seed), _label(spec, combo), seed, settings, cfg, needs_phi))
     meta_cfg = None
     if spec.meta is not None or any(t.needs_phi and not t.config.weighting.train_attention.phi for t in trials):
         if spec.meta is None:

@@ -94,3 +94,14 @@ def test_bad_grid_set_override(tmp_path, capsys):
                          "--set", "resources.max_concurrent=0"], capsys)
     assert code == 2 and "--set resources.max_concurrent" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_zip_rows_with_method_names():
+    spec, trials, meta = load_grid(ROOT / "ablations" / "baselines_table1.yaml")
+    rows = {t.label: t.config for t in trials}
+    assert list(rows) == ["Finetune", "K-Adapter", "Mix-review", "RecAdam", "RHO-1", "TAALM"]
+    assert rows["K-Adapter"].params.kind == "kadapter" and rows["Mix-review"].replay.kind == "mix_review"
+    assert rows["RecAdam"].regularizer.kind == "recadam" and rows["RHO-1"].weighting.scheme == "rho1"
+    assert "label" not in trials[0].overrides and meta is not None
+    spec, trials, _ = load_grid(ROOT / "ablations" / "combos_table6.yaml")
+    assert all(t.needs_phi for t in trials) and len(trials) == 6
