@@ -108,24 +108,30 @@ def _sampler(spec: SearchSpec):
     return optuna.samplers.TPESampler(seed=spec.seed)
 
 
-def define_by_run(spec: SearchSpec):
-    """The Optuna define-by-run function of a spec (conditional parameters via `when`)."""
-    items = list(spec.space.items())
+class DefineByRun:
+    """The Optuna define-by-run function of a spec (conditional parameters via `when`); a module-level
+    class so Tune can checkpoint the searcher."""
 
-    def space(trial) -> None:
+    def __init__(self, spec: SearchSpec):
+        self.items = [(k, p.model_dump()) for k, p in spec.space.items()]
+
+    def __call__(self, trial) -> None:
         chosen: dict[str, Any] = {}
-        for key, p in items:
-            if any(chosen.get(d, object()) != v for d, v in p.when.items()):
+        for key, p in self.items:
+            if any(chosen.get(d, object()) != v for d, v in p["when"].items()):
                 continue
-            if p.type == "categorical":
-                chosen[key] = trial.suggest_categorical(key, p.choices)
-            elif p.type == "int":
-                chosen[key] = trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            if p["type"] == "categorical":
+                chosen[key] = trial.suggest_categorical(key, p["choices"])
+            elif p["type"] == "int":
+                chosen[key] = trial.suggest_int(key, int(p["low"]), int(p["high"]), step=int(p["step"] or 1),
+                                                log=p["log"])
             else:
-                chosen[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
+                chosen[key] = trial.suggest_float(key, p["low"], p["high"], log=p["log"], step=p["step"])
         return None
 
-    return space
+
+def define_by_run(spec: SearchSpec) -> DefineByRun:
+    return DefineByRun(spec)
 
 
 def _trial_config(base: dict, sampled: dict) -> RunConfig:

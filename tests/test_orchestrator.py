@@ -73,26 +73,3 @@ def test_two_workers_match_one_worker(ray_local, tmp_path):
     assert len(one["train_loss"]) == 2  # epochs 1 and 2 (epoch 0 has no loss)
     assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-4)
     assert one["to_learn_acc"] == two["to_learn_acc"] and one["ntf_acc"] == two["ntf_acc"]
-
-
-def test_resume_keeps_finished_trials_and_duplicates_nothing(ray_local, tmp_path):
-    """The driver dies after the first trial finished (a callback raises); `resume` runs only the rest."""
-    from ray import tune
-
-    from orchestrator.study import run_ablation
-
-    class Crash(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            raise RuntimeError("driver killed")
-
-    overrides = ["name=resume_me", "resources.max_concurrent=1"]
-    with pytest.raises(Exception):
-        run_ablation(GRID, overrides, out_root=tmp_path, progress=Crash())
-    r = run_ablation(GRID, overrides, out_root=tmp_path, resume=True)
-    assert r["failed"] == 0
-    c, runs = _runs(r["tracking_uri"], "resume_me")
-    trials = [x for x in runs if x.data.tags.get("taalm.role") == "trial"]
-    assert sorted(t.data.tags["taalm.label"] for t in trials) == ["Finetune", "Oracle"]
-    for t in trials:
-        assert t.info.status == "FINISHED"
-        assert [m.step for m in c.get_metric_history(t.info.run_id, "to_learn_acc")] == [0, 1, 2]

@@ -1,0 +1,67 @@
+"""`taalm resume` after the driver is SIGKILLed mid-study: finished trials are not re-run, the others
+finish, and MLflow ends with exactly one run per trial, every epoch logged once, none left RUNNING."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "ablations" / "smoke_tiny.yaml"
+
+
+def _finished_trials(db: Path) -> int:
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                               "where t.key = 'taalm.role' and t.value = 'trial' and r.status = 'FINISHED'"
+                               ).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigkill_then_resume(tmp_path):
+    exe = str(Path(sys.executable).with_name("taalm"))
+    args = ["--set", "name=resume_me", "--set", "resources.max_concurrent=1", "--set", "overrides.train.epochs=3"]
+    proc = subprocess.Popen([exe, "ablate", str(GRID), "--out", str(tmp_path), "--num-cpus", "1", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db = tmp_path / "resume_me" / "mlflow.db"
+    deadline = time.time() + 240
+    while time.time() < deadline and _finished_trials(db) < 1 and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study ended before it could be interrupted"
+    assert _finished_trials(db) == 1
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        done_before = {row[0] for row in con.execute(
+            "select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid where t.key = 'taalm.role' "
+            "and t.value = 'trial' and r.status = 'FINISHED'")}
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    killed_at_ms = time.time() * 1000
+    proc.wait(timeout=30)
+    time.sleep(2)
+
+    r = subprocess.run([exe, "resume", str(tmp_path / "resume_me"), "--num-cpus", "1"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| Finetune |" in r.stdout and "| Oracle |" in r.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{db}")
+    exp = c.get_experiment_by_name("resume_me")
+    runs = c.search_runs([exp.experiment_id])
+    trials = [x for x in runs if x.data.tags.get("taalm.role") == "trial"]
+    assert sorted(t.data.tags["taalm.label"] for t in trials) == ["Finetune", "Oracle"]
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    for t in trials:
+        assert t.info.status == "FINISHED"
+        hist = c.get_metric_history(t.info.run_id, "to_learn_acc")
+        assert [m.step for m in hist] == [0, 1, 2, 3]
+        if t.info.run_id in done_before:  # finished before the kill: not run again
+            assert all(m.timestamp < killed_at_ms for m in hist)
+            assert t.info.end_time < killed_at_ms
