@@ -36,6 +36,8 @@ def test_sigkill_then_resume(tmp_path):
         time.sleep(0.5)
     assert proc.poll() is None, "the study ended before it could be interrupted"
     assert _finished_trials(db) == 1
+    time.sleep(3)  # Tune records a finished trial in its experiment state within ~1 s (TUNE_GLOBAL_CHECKPOINT_S)
+    assert proc.poll() is None
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         done_before = {row[0] for row in con.execute(
             "select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid where t.key = 'taalm.role' "
