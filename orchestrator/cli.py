@@ -220,6 +220,29 @@ def _fmt(x) -> str:
     return "n/a" if x is None or x != x else f"{x:.4f}"
 
 
+@app.command()
+def temporalwiki(
+    config: Path = typer.Argument(..., help="TemporalWiki config (YAML): a run config plus `temporalwiki.periods`."),
+    out: Path = typer.Option(..., "--out", help="Output directory (metrics.json)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Run the TemporalWiki protocol: periods in order, θ carried over, CHANGED/UNCHANGED perplexity."""
+    from trainables.config import load_config
+    from trainables.temporalwiki import TemporalWikiConfig, resolve_paths, temporalwiki_run
+
+    cfg = resolve_paths(load_config(config, set_, schema=TemporalWikiConfig), config.resolve().parent)
+
+    def show(r):
+        console.print(f"period {r['period']}: CHANGED ppl {r['changed_ppl']:.2f}  UNCHANGED ppl "
+                      f"{r['unchanged_ppl']:.2f}  ({r['n_docs']} documents, loss {r['train_loss']:.3f})",
+                      highlight=False)
+
+    m = temporalwiki_run(cfg, out_dir=out, on_period=show)
+    console.print(f"[bold green]done[/] average CHANGED ppl {m['avg_changed_ppl']:.2f}, UNCHANGED ppl "
+                  f"{m['avg_unchanged_ppl']:.2f}, {m['wall_seconds']:.1f}s -> {out / 'metrics.json'}",
+                  highlight=False, soft_wrap=True)
+
+
 @data_app.command("validate")
 def data_validate(directory: Optional[Path] = typer.Argument(None, help="LAMA-CKL directory (default: shipped)")):
     """Validate every LAMA-CKL record (file:line and field on the first error)."""

@@ -23,7 +23,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -57,6 +57,7 @@ class MetaStage(BaseModel):
 class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    protocol: Literal["lama_ckl", "temporalwiki"] = "lama_ckl"
     base: Optional[str] = None
     overrides: dict[str, Any] = {}
     axes: dict[str, list[Any]] = {}
@@ -156,12 +157,19 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
     touched = apply_overrides(data, overrides)
     spec = validate(GridSpec, data, str(path), lines, touched)
     base: dict = {}
+    schema = RunConfig
+    base_dir = path.parent
+    if spec.protocol == "temporalwiki":
+        from trainables.temporalwiki import TemporalWikiConfig
+
+        schema = TemporalWikiConfig
     if spec.base:
         base_path = (path.parent / spec.base).resolve()
         if not base_path.is_file():
             raise InputError(f"{path}:{lines.get(('base',), 1)} (base)", f"base config {base_path} not found")
         base, base_lines = load_yaml(base_path)
-        validate(RunConfig, copy.deepcopy(base), str(base_path), base_lines)
+        validate(schema, copy.deepcopy(base), str(base_path), base_lines)
+        base_dir = base_path.parent
     for k, v in spec.overrides.items():
         _set(base, k, v)
     combos = expand(spec)
@@ -177,10 +185,14 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
             d["seed"] = seed
             where_line = lines.get(("axes", next(iter(combo), "")), lines.get(("overrides",), 1))
             try:
-                cfg = validate(RunConfig, d, "", {}, set())
+                cfg = validate(schema, d, "", {}, set())
             except InputError as e:
                 raise InputError(f"{path}:{where_line} ({e.where})",
                                  f"{e.message} [trial {json.dumps(combo, default=str)}, seed {seed}]") from None
+            if spec.protocol == "temporalwiki":
+                from trainables.temporalwiki import resolve_paths
+
+                cfg = resolve_paths(cfg, base_dir)
             needs_phi = "train_attention" in scheme_names(cfg.weighting.scheme)
             settings = {k: v for k, v in combo.items() if k != LABEL}
             trials.append(Trial(trial_key(combo, seed), _label(spec, combo), seed, settings, cfg, needs_phi))
@@ -198,4 +210,6 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
         for k, v in spec.meta.overrides.items():
             _set(mdata, k, v)
         meta_cfg = config_to_dict(validate(MetaConfig, mdata, str(meta_path), mlines))
+        if meta_cfg.get("records") and not Path(meta_cfg["records"]).is_absolute():
+            meta_cfg["records"] = str((meta_path.parent / meta_cfg["records"]).resolve())
     return spec, trials, meta_cfg

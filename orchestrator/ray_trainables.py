@@ -66,6 +66,26 @@ def continual_worker(config: dict) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def temporalwiki_worker(config: dict) -> None:
+    """The TemporalWiki protocol as a Ray Train run: one report per period (epoch = period index)."""
+    import ray.train
+
+    from trainables.temporalwiki import TemporalWikiConfig, temporalwiki_run
+
+    _setup_threads(config)
+    cfg = TemporalWikiConfig.model_validate(config["run"])
+    seen: list[dict] = []
+
+    def on_period(r):
+        seen.append(r)
+        ray.train.report({"epoch": r["index"], "period": r["period"], "changed_ppl": r["changed_ppl"],
+                          "unchanged_ppl": r["unchanged_ppl"], "train_loss": r["train_loss"],
+                          "avg_changed_ppl": sum(x["changed_ppl"] for x in seen) / len(seen),
+                          "avg_unchanged_ppl": sum(x["unchanged_ppl"] for x in seen) / len(seen)})
+
+    temporalwiki_run(cfg, on_period=on_period)
+
+
 def meta_worker(config: dict) -> None:
     """Meta-training as a single-worker Ray Train run; φ is written to ``config['phi_dir']``."""
     import ray.train
@@ -95,9 +115,10 @@ def trial_driver(config: dict) -> None:
     config = config["t"]  # the trial, as expanded by the orchestrator
     res = config["resources"]
     kind = config["kind"]
-    workers = res["workers"] if kind == "continual" else 1
+    workers = res["workers"] if kind in ("continual", "temporalwiki") else 1
+    worker = {"continual": continual_worker, "meta": meta_worker, "temporalwiki": temporalwiki_worker}[kind]
     trainer = TorchTrainer(
-        continual_worker if kind == "continual" else meta_worker,
+        worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=res["gpus_per_worker"] > 0,
                                      resources_per_worker={"CPU": res["cpus_per_worker"],

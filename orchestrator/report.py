@@ -6,8 +6,11 @@ import math
 from pathlib import Path
 
 
-COLUMNS = ("top_acc", "top_epoch", "nf_acc", "total_knowledge")
-HEADERS = ("Top Acc", "Epoch", "NF Acc", "Total Knowledge")
+LAMA_COLUMNS = ("top_acc", "top_epoch", "nf_acc", "total_knowledge")
+LAMA_HEADERS = ("Top Acc", "Epoch", "NF Acc", "Total Knowledge")
+TW_COLUMNS = ("avg_changed_ppl", "avg_unchanged_ppl")
+TW_HEADERS = ("CHANGED ppl (avg)", "UNCHANGED ppl (avg)")
+COLUMNS = LAMA_COLUMNS + TW_COLUMNS
 
 
 def collect(tracking_uri: str, experiment: str) -> list[dict]:
@@ -28,7 +31,7 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
         for k in COLUMNS:
             row[k] = r.data.metrics.get(k)
         curves = {}
-        for name in ("to_learn_acc", "ntf_acc"):
+        for name in ("to_learn_acc", "ntf_acc", "changed_ppl", "unchanged_ppl"):
             curves[name] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, name)}
         row["curves"] = curves
         rows.append(row)
@@ -67,12 +70,17 @@ def markdown(tab: list[dict]) -> str:
         m, s = e[k], e[k + "_std"]
         if m != m:
             return "n/a"
+        if k.endswith("_ppl"):
+            return f"{m:.2f} ± {s:.2f}"
         return f"{m:.1f} ± {s:.1f}" if k == "top_epoch" else f"{m:.4f} ± {s:.4f}"
 
-    lines = ["| method | " + " | ".join(HEADERS) + " | seeds | failed |",
-             "|---|" + "---|" * (len(HEADERS) + 2)]
+    tw = bool(tab) and all(e["top_acc"] != e["top_acc"] and e["avg_changed_ppl"] == e["avg_changed_ppl"]
+                           for e in tab)
+    cols, headers = (TW_COLUMNS, TW_HEADERS) if tw else (LAMA_COLUMNS, LAMA_HEADERS)
+    lines = ["| method | " + " | ".join(headers) + " | seeds | failed |",
+             "|---|" + "---|" * (len(headers) + 2)]
     for e in tab:
-        lines.append(f"| {e['method']} | " + " | ".join(cell(e, k) for k in COLUMNS)
+        lines.append(f"| {e['method']} | " + " | ".join(cell(e, k) for k in cols)
                      + f" | {e['seeds']} | {e['failed']} |")
     return "\n".join(lines)
 
@@ -97,18 +105,21 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path) -> dict:
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "curves"} for r in rows]),
                    out_dir / "trials.parquet")
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    tw = not any(r["curves"].get("to_learn_acc") for r in rows) and any(r["curves"].get("changed_ppl") for r in rows)
+    names = ("changed_ppl", "unchanged_ppl") if tw else ("to_learn_acc", "ntf_acc")
+    titles = ("CHANGED perplexity", "UNCHANGED perplexity") if tw else ("TO-LEARN accuracy", "NOT-TO-FORGET accuracy")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=not tw)
     for label in [e["method"] for e in tab]:
-        for ax, name in zip(axes, ("to_learn_acc", "ntf_acc")):
+        for ax, name in zip(axes, names):
             per_seed = [r["curves"][name] for r in rows if r["label"] == label and r["curves"].get(name)]
             if not per_seed:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in per_seed)))
             ax.plot(steps, [sum(c[s] for c in per_seed) / len(per_seed) for s in steps], "-o", ms=3, label=label)
-    for ax, title in zip(axes, ("TO-LEARN accuracy", "NOT-TO-FORGET accuracy")):
+    for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-    axes[0].set_ylabel("accuracy (mean over seeds)")
+        ax.set_xlabel("period" if tw else "epoch")
+    axes[0].set_ylabel("perplexity (mean over seeds)" if tw else "accuracy (mean over seeds)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=120)

@@ -70,7 +70,12 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
     """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice)."""
     from trainables.data import load_lama
 
-    data_hash = load_lama(meta_cfg["data"].get("dir")).hash
+    if meta_cfg.get("records"):
+        from trainables.data import data_hash as hash_files
+
+        data_hash = hash_files([Path(meta_cfg["records"])])
+    else:
+        data_hash = load_lama(meta_cfg["data"].get("dir")).hash
     seeds = sorted({t.seed for t in trials if t.needs_phi}) if spec.meta.per_seed else [meta_cfg["seed"]]
     phis, todo, info = {}, [], {}
     for seed in seeds:
@@ -124,7 +129,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
         info[t.key] = {"run_name": f"{t.label} seed {t.seed}", "role": "trial", "config": cfg,
                        "params": {"label": t.label, "seed": t.seed, "config": cfg},
                        "tags": {"taalm.label": t.label, "taalm.seed": t.seed}}
-        dicts.append({"kind": "continual", "trial_key": t.key, "label": t.label, "run": cfg,
+        dicts.append({"kind": "temporalwiki" if spec.protocol == "temporalwiki" else "continual", "trial_key": t.key, "label": t.label, "run": cfg,
                       "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
                       "storage_path": str((study_dir / "train").resolve())})
     results = _tune(dicts, info, study, spec.name, study_dir, spec, progress, resume)

@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 from ray import tune
 
-SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge")
-CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight")
+SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge", "avg_changed_ppl", "avg_unchanged_ppl")
+CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "changed_ppl",
+          "unchanged_ppl")
 
 
 def default_tracking_uri(study_dir: Path) -> str:
@@ -117,12 +118,12 @@ class MlflowTrials(tune.Callback):
             meta = self.info[key]
             rid = self.study.child(key, meta["run_name"], meta["role"], meta["params"], meta["tags"])
             self.run_ids[key] = rid
-            hist = self.study.client.get_metric_history(rid, "to_learn_acc" if meta["role"] == "trial" else "val_acc")
-            self.logged[key] = {m.step for m in hist}
+            self.logged[key] = {m.step for m in self.study.client.get_metric_history(rid, "val_acc")}
             self.curves[key] = {}
             for name in CURVES:
                 for m in self.study.client.get_metric_history(rid, name):
                     self.curves[key].setdefault(name, {})[m.step] = m.value
+                    self.logged[key].add(m.step)
             self.study.client.set_tag(rid, "taalm.tune_trial_id", trial.trial_id)
         return key, self.run_ids[key]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch.func import functional_call
 
 from .checkpoint import write_json_atomic
@@ -69,6 +69,31 @@ class MetaConfig(_Strict):
     data: DataConfig = DataConfig()
     meta: MetaOptions = MetaOptions()
     task: Literal["descriptive", "schematic"] = "descriptive"
+    # meta-examples from a JSON-lines file of {text, subject, relation, object} (e.g. TemporalWiki) instead of
+    # the tailored LAMA-CKL Train-Attention pool; the probe is the schematic "Guess the object" sentence
+    records: Optional[str] = None
+
+
+class MetaRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str
+    subject: str
+    relation: str
+    object: str
+
+
+def record_facts(path: str) -> list[Fact]:
+    from .data import read_jsonl_validated
+    from .temporalwiki import probe_sentence
+
+    facts = []
+    for line, r in read_jsonl_validated(Path(path), MetaRecord):
+        if r.object not in r.text:
+            raise InputError(f"{path}:{line}", f"field 'object': {r.object!r} does not occur in the text")
+        probe = probe_sentence(r.subject, r.relation, r.object)
+        facts.append(Fact(f"record-{line}", r.subject, r.relation, r.object, r.text, probe, probe,
+                          Path(path).stem, line))
+    return facts
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,13 +265,21 @@ def heatmap_html(phi: TrainAttention, tokenizer, examples: Sequence[MetaExample]
 def prepare_meta(cfg: MetaConfig, progress=None):
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    lama = load_lama(cfg.data.dir)
     tokenizer = load_tokenizer(cfg.model)
     base = load_base_model(cfg.model, tokenizer, cfg.params).to(device)
-    data_cfg = cfg.data.model_copy(update={"task": cfg.task})
-    split = build_split(data_cfg, cfg.model, lama, tokenizer, lambda: base, 32, device,
-                        ta_pool_size=cfg.meta.pool_size, progress=progress)
-    pool = list(split.ta_pool)
+    if cfg.records:
+        from .data import data_hash
+
+        pool = record_facts(cfg.records)
+        if cfg.meta.pool_size:
+            pool = random.Random(cfg.seed).sample(pool, min(cfg.meta.pool_size, len(pool)))
+        split, lama_hash = None, data_hash([Path(cfg.records)])
+    else:
+        lama = load_lama(cfg.data.dir)
+        data_cfg = cfg.data.model_copy(update={"task": cfg.task})
+        split = build_split(data_cfg, cfg.model, lama, tokenizer, lambda: base, 32, device,
+                            ta_pool_size=cfg.meta.pool_size, progress=progress)
+        pool, lama_hash = list(split.ta_pool), lama.hash
     if len(pool) < cfg.meta.val_size + 1:
         raise InputError("meta.val_size", f"the Train-Attention pool has {len(pool)} facts; "
                                           f"need more than val_size={cfg.meta.val_size}")
@@ -260,10 +293,11 @@ def prepare_meta(cfg: MetaConfig, progress=None):
         p.requires_grad_(False)
     phi = build_phi(cfg.phi, cfg.model, tokenizer, seed=cfg.seed + 1).to(device)
     phi.train()
-    mk = lambda f: make_example(tokenizer, f, cfg.task, cfg.meta.max_length, device)  # noqa: E731
+    task = "schematic" if cfg.records else cfg.task
+    mk = lambda f: make_example(tokenizer, f, task, cfg.meta.max_length, device)  # noqa: E731
     return {"device": device, "tokenizer": tokenizer, "model": model, "theta0": theta0, "phi": phi,
             "train": [mk(f) for f in train_facts], "val": [mk(f) for f in val_facts], "split": split,
-            "data_hash": lama.hash}
+            "data_hash": lama_hash}
 
 
 def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,

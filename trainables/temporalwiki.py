@@ -1,0 +1,218 @@
+"""The TemporalWiki protocol (ALGORITHM.md §6): θ carries over from period to period; in each period
+it trains (1 epoch by default) on that period's Wikipedia diff documents, then is evaluated by
+perplexity on the period's CHANGED and UNCHANGED probes.
+
+Probe sentence: "Guess the object. \\n  subject is S , relation is R , object is O"; perplexity over the
+object tokens (last occurrence of O, located by character offsets):
+    ppl = exp( Σ_probes Σ_object tokens NLL / Σ_probes #object tokens ).
+
+Diff sets are not shipped: each period's ``diff`` is a JSON-lines file with a ``text`` field per line
+(validated: file:line on the first bad line). Probes default to the shipped files
+(data/temporalwiki_probes/<from>-<to>_{changed,unchanged}.jsonl; fields subject, relation, object).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .checkpoint import write_json_atomic
+from .config import RunConfig, _Strict, config_to_dict
+from .data import REPO_ROOT, read_jsonl_validated
+from .encode import EncodedDoc, collate, encode_document
+from .errors import InputError
+from .loss import token_nll
+from .metrics import EncodedProbe, encode_probe, mean
+
+PROBE_DIR = REPO_ROOT / "data" / "temporalwiki_probes"
+# the shipped probe files, by period name
+DEFAULT_PROBES = {"0910": "0901-1001", "1011": "1001-1101", "1112": "1101-1201"}
+
+
+def probe_sentence(subject: str, relation: str, obj: str) -> str:
+    return f"Guess the object. \n  subject is {subject} , relation is {relation} , object is {obj}"
+
+
+class ProbeRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    subject: str
+    relation: str
+    object: str
+
+    @field_validator("object")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class DiffRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str
+
+
+class Period(_Strict):
+    name: str
+    diff: str  # JSON lines with a `text` field (the user's TemporalWiki diff set for this period)
+    changed: Optional[str] = None  # default: the shipped probes of this period
+    unchanged: Optional[str] = None
+
+
+class TemporalWikiOptions(_Strict):
+    periods: list[Period] = Field(..., min_length=1)
+    epochs_per_period: int = Field(1, ge=1)
+    probe_size: Optional[int] = Field(None, ge=1)  # seeded subsample of each probe set
+    diff_size: Optional[int] = Field(None, ge=1)  # seeded subsample of each diff set
+    eval_batch_size: int = Field(32, ge=1)
+
+
+class TemporalWikiConfig(RunConfig):
+    temporalwiki: TemporalWikiOptions
+
+
+def resolve_paths(cfg: "TemporalWikiConfig", base_dir: Path) -> "TemporalWikiConfig":
+    """Relative diff/probe/replay-pool paths are relative to the config file's directory."""
+    periods = []
+    for p in cfg.temporalwiki.periods:
+        upd = {k: str((base_dir / v).resolve()) for k in ("diff", "changed", "unchanged")
+               if (v := getattr(p, k)) and not Path(v).is_absolute()}
+        periods.append(p.model_copy(update=upd))
+    update = {"temporalwiki": cfg.temporalwiki.model_copy(update={"periods": periods})}
+    pool = cfg.replay.pool
+    if pool not in ("disjoint", "ntf") and not Path(pool).is_absolute():
+        update["replay"] = cfg.replay.model_copy(update={"pool": str((base_dir / pool).resolve())})
+    return cfg.model_copy(update=update)
+
+
+def _probe_path(period: Period, kind: str) -> Path:
+    given = getattr(period, kind)
+    if given:
+        return Path(given)
+    stem = DEFAULT_PROBES.get(period.name)
+    if stem is None:
+        raise InputError(f"temporalwiki.periods ({period.name})",
+                         f"no shipped {kind} probes for period {period.name!r} (shipped: "
+                         f"{', '.join(DEFAULT_PROBES)}); give `{kind}:` a file")
+    return PROBE_DIR / f"{stem}_{kind}.jsonl"
+
+
+def load_probes(path: Path, tokenizer, size: Optional[int], seed: int) -> list[EncodedProbe]:
+    rows = [r for _, r in read_jsonl_validated(path, ProbeRecord)]
+    if size is not None and size < len(rows):
+        rows = random.Random(seed).sample(rows, size)
+    return [encode_probe(tokenizer, probe_sentence(r.subject, r.relation, r.object), r.object, where=str(path))
+            for r in rows]
+
+
+def load_diff(path: Path, tokenizer, max_length: int, size: Optional[int], seed: int) -> list[EncodedDoc]:
+    rows = [r.text for _, r in read_jsonl_validated(path, DiffRecord) if r.text.strip()]
+    if size is not None and size < len(rows):
+        rows = random.Random(seed).sample(rows, size)
+    return [encode_document(tokenizer, t, "", max_length) for t in rows]
+
+
+@torch.no_grad()
+def object_perplexity(model, probes: Sequence[EncodedProbe], pad_id: int, batch_size: int = 32,
+                      device="cpu") -> float:
+    """exp(mean NLL over all object tokens of all probes)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(probes), batch_size):
+            chunk = probes[i:i + batch_size]
+            width = max(len(p.input_ids) for p in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, p in enumerate(chunk):
+                ids[b, :len(p.input_ids)] = torch.tensor(p.input_ids)
+                mask[b, :len(p.input_ids)] = 1
+            nll = token_nll(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, ids.to(device),
+                            mask.to(device)).cpu()
+            for b, p in enumerate(chunk):
+                pos = torch.tensor(p.positions) - 1  # nll[t] is the loss of predicting token t+1
+                total += float(nll[b, pos].sum())
+                count += len(p.positions)
+    finally:
+        model.train(was)
+    return math.exp(total / count)
+
+
+def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = None, on_period=None) -> dict:
+    """Train through the periods in order (θ carries over); evaluate after each. Writes OUT/metrics.json."""
+    from .continual import (DataParallel, RunSetup, epoch_batches, make_optimizer, resolve_device, seed_everything,
+                            train_step)
+    from .models import apply_params, load_base_model, load_tokenizer, trainable_parameters
+    from .weighting import SchemeEnv, build_weighting
+
+    t0 = time.perf_counter()
+    tw = cfg.temporalwiki
+    if cfg.replay.kind != "none" and cfg.replay.pool in ("disjoint", "ntf"):
+        raise InputError("replay.pool", "TemporalWiki replay needs a JSON-lines file with `text` (LAMA pools "
+                                        "do not apply)")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    periods = []
+    for i, p in enumerate(tw.periods):  # read and validate every file before training
+        periods.append({
+            "name": p.name,
+            "docs": load_diff(Path(p.diff), tokenizer, cfg.train.max_length, tw.diff_size, cfg.seed + i),
+            "changed": load_probes(_probe_path(p, "changed"), tokenizer, tw.probe_size, cfg.seed + 100 + i),
+            "unchanged": load_probes(_probe_path(p, "unchanged"), tokenizer, tw.probe_size, cfg.seed + 200 + i)})
+    base = load_base_model(cfg.model, tokenizer, cfg.params).to(device)
+    env = SchemeEnv(tokenizer=tokenizer, device=device)
+    weighting = build_weighting(cfg.weighting, env)
+    if weighting.needs_reference:
+        raise InputError("weighting.scheme", "schemes needing a reference model (rho1) are not wired for "
+                                             "TemporalWiki yet")
+    replay = None
+    if cfg.replay.kind != "none":
+        from .replay import REPLAYS, load_pool_texts
+
+        texts, desc = load_pool_texts(cfg.replay, None, None)
+        replay = REPLAYS.get(cfg.replay.kind, "replay.kind")(
+            cfg.replay, [encode_document(tokenizer, t, "", cfg.train.max_length) for t in texts], desc, cfg.seed)
+        if replay.needs_reference:
+            raise InputError("replay.kind", "GeRe and SEEKR are not wired for TemporalWiki yet; use mix_review")
+    seed_everything(cfg.seed)
+    model = apply_params(base, cfg.params)
+    model.train()
+    trainable = trainable_parameters(model)
+    optimizer = make_optimizer(cfg, list(trainable.values()))
+    dp = DataParallel.from_torch()
+    results = []
+    for i, period in enumerate(periods):
+        setup = RunSetup(cfg, device, tokenizer, model, trainable, None, period["docs"], [], [], weighting, "",
+                         replay, None)
+        losses = []
+        for e in range(tw.epochs_per_period):
+            for step, idx in enumerate(epoch_batches(len(period["docs"]), cfg.train.batch_size, cfg.seed,
+                                                     i * 1000 + e)):
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i * 100_003 + e * 1009 + step)
+                loss, _, _ = train_step(setup, optimizer, [period["docs"][j] for j in idx], gen, dp, i, step)
+                losses.append(loss)
+        res = {"period": period["name"], "index": i, "train_loss": mean(losses),
+               "changed_ppl": object_perplexity(model, period["changed"], tokenizer.pad_token_id,
+                                                tw.eval_batch_size, device),
+               "unchanged_ppl": object_perplexity(model, period["unchanged"], tokenizer.pad_token_id,
+                                                  tw.eval_batch_size, device),
+               "n_docs": len(period["docs"]), "n_changed": len(period["changed"]),
+               "n_unchanged": len(period["unchanged"])}
+        results.append(res)
+        if on_period:
+            on_period(res)
+    metrics = {"periods": results,
+               "avg_changed_ppl": mean([r["changed_ppl"] for r in results]),
+               "avg_unchanged_ppl": mean([r["unchanged_ppl"] for r in results]),
+               "wall_seconds": time.perf_counter() - t0, "config": config_to_dict(cfg)}
+    if out_dir is not None and (dp is None or dp.rank == 0):
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    return metrics
