@@ -38,6 +38,7 @@ class Resources(BaseModel):
     gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0)  # retries of a failed trial
+    time_budget_s: Optional[float] = Field(None, gt=0)  # a trial running longer fails (checked every step)
     torch_threads: int = Field(1, ge=1)
     # CPUs (and torch threads) of the meta-training stage's single worker; default: what the grid
     # uses at once (cpus_per_worker x workers x max_concurrent), since the stage runs alone

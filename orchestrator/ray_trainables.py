@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -48,7 +49,14 @@ def continual_worker(config: dict) -> None:
     out = Path(tempfile.mkdtemp(prefix=f"taalm-trial-r{rank}-"))
     _restore_into(out, "checkpoint")
 
+    budget = config["resources"].get("time_budget_s")
+    started = time.monotonic()
+
     class Report(Callback):
+        def on_step(self, epoch, step, n_steps, loss):
+            if budget is not None and time.monotonic() - started > budget:
+                raise TimeoutError(f"trial exceeded its time budget of {budget} s (resources.time_budget_s)")
+
         def on_epoch_end(self, r):
             metrics = {"epoch": r.epoch, **{k: getattr(r, k) for k in REPORT_KEYS}, **r.summary}
             metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}

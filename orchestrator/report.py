@@ -27,6 +27,7 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
     for r in client.search_runs([exp.experiment_id], "tags.`taalm.role` = 'trial'", max_results=10000,
                                 order_by=["attributes.start_time ASC"]):
         row = {"label": r.data.tags.get("taalm.label", r.info.run_name), "seed": r.data.tags.get("taalm.seed"),
+               "order": int(r.data.tags.get("taalm.order", 10 ** 6)), "start": r.info.start_time,
                "status": r.info.status, "failure": r.data.tags.get("taalm.failure"), "run_id": r.info.run_id}
         for k in COLUMNS:
             row[k] = r.data.metrics.get(k)
@@ -35,7 +36,7 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
             curves[name] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, name)}
         row["curves"] = curves
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: (r["order"], r["start"]))  # grid order, then start time
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -85,6 +86,16 @@ def markdown(tab: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def failures(rows: list[dict]) -> str:
+    failed = [r for r in rows if r["status"] != "FINISHED"]
+    if not failed:
+        return ""
+    lines = ["", f"Failed trials ({len(failed)}):"]
+    for r in failed:
+        lines.append(f"- {r['label']} seed {r['seed']} ({r['status']}): {r['failure'] or 'no reason recorded'}")
+    return "\n".join(lines)
+
+
 def write_report(tracking_uri: str, experiment: str, out_dir: Path) -> dict:
     import matplotlib
 
@@ -97,7 +108,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path) -> dict:
     rows = collect(tracking_uri, experiment)
     tab = table(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = markdown(tab)
+    md = markdown(tab) + failures(rows)
     (out_dir / "table.md").write_text(md + "\n")
     t = pa.Table.from_pylist(tab)
     pacsv.write_csv(t, out_dir / "table.csv")

@@ -124,11 +124,11 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 t.config = t.config.model_copy(update={"weighting": t.config.weighting.model_copy(
                     update={"train_attention": t.config.weighting.train_attention.model_copy(update={"phi": phi})})})
     info, dicts = {}, []
-    for t in trials:
+    for order, t in enumerate(trials):
         cfg = config_to_dict(t.config)
         info[t.key] = {"run_name": f"{t.label} seed {t.seed}", "role": "trial", "config": cfg,
                        "params": {"label": t.label, "seed": t.seed, "config": cfg},
-                       "tags": {"taalm.label": t.label, "taalm.seed": t.seed}}
+                       "tags": {"taalm.label": t.label, "taalm.seed": t.seed, "taalm.order": order}}
         dicts.append({"kind": "temporalwiki" if spec.protocol == "temporalwiki" else "continual", "trial_key": t.key, "label": t.label, "run": cfg,
                       "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
                       "storage_path": str((study_dir / "train").resolve())})

@@ -178,9 +178,24 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         key, rid = self._run(trial)
-        reason = str(getattr(trial, "error_msg", None) or "trial raised an error")[-500:]
+        reason = failure_reason(trial)
         self.study.client.set_tag(rid, "taalm.failure", reason)
         self.study.client.set_terminated(rid, status="FAILED")
+
+
+def failure_reason(trial) -> str:
+    """The last 'SomeError: message' line of a failed trial's error (or the tail of its text)."""
+    import re
+
+    text = ""
+    try:  # Tune writes the error text next to the trial before it calls the callbacks
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+    except OSError:
+        pass
+    text = text or "trial raised an error"
+    found = re.findall(r"^\s*([A-Za-z_.]*(?:Error|Exception|Interrupt)\b[^\n]*)$", text, flags=re.M)
+    return (found[-1].strip() if found else text.strip().splitlines()[-1])[:500]
 
 
 def learning_curve_figure(curves: dict[str, dict[int, float]], title: str):
