@@ -37,6 +37,7 @@ def _restore_into(out: Path, name: str) -> None:
 
 
 def continual_worker(config: dict) -> None:
+    import ray
     import ray.train
     from ray.train import Checkpoint
 
@@ -60,6 +61,7 @@ def continual_worker(config: dict) -> None:
         def on_epoch_end(self, r):
             metrics = {"epoch": r.epoch, **{k: getattr(r, k) for k in REPORT_KEYS}, **r.summary}
             metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+            metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which Ray node ran rank 0
             if r.checkpoint_dir:
                 # the checkpoint directory holds "checkpoint/" so a restore lands where the loop looks
                 with tempfile.TemporaryDirectory() as staging:

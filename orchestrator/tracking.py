@@ -148,6 +148,8 @@ class MlflowTrials(tune.Callback):
                 self.curves[key].setdefault(name, {})[step] = float(v)
         self.study.client.log_batch(rid, metrics=metrics)
         self.logged[key].add(step)
+        if isinstance(result.get("node_id"), str) and step == 0:
+            self.study.client.set_tag(rid, "taalm.node_id", result["node_id"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from mlflow.entities import Metric
