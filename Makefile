@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/taalm ablate ablations/table9_token_weighting.yaml --out $(DEMO_OUT)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# headless Chromium for the MLflow UI test (Debian's package; skipped where it cannot be installed)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

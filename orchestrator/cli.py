@@ -213,7 +213,7 @@ def ui(
     uri, _ = study_tracking(study)
     console.print(f"MLflow UI on http://{host}:{port} for {uri}", highlight=False, soft_wrap=True)
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                                      "--host", host, "--port", str(port)]))
+                                      "--host", host, "--port", str(port), "--workers", "1"]))
 
 
 def _fmt(x) -> str:
