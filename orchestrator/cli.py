@@ -101,6 +101,16 @@ def meta_train_cmd(
                   f"-> {out / 'phi'}")
 
 
+def _report_study(r: dict) -> None:
+    """Build the study's report from MLflow, print the table and where everything is."""
+    from orchestrator.report import write_report
+
+    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
+    print(rep["markdown"])
+    console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
+                  f"`taalm ui {r['study_dir']}` to browse", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def ablate(
     grid: Path = typer.Argument(..., help="Ablation grid (YAML)."),
@@ -117,16 +127,11 @@ def ablate(
     spec, trials, meta = load_grid(grid, set_)  # validated before Ray or MLflow start
     console.print(f"[bold]{spec.name}[/]: {len(trials)} trials ({len({t.label for t in trials})} methods x "
                   f"{len(spec.seeds)} seeds){' + meta-training stage' if meta else ''}", highlight=False)
-    from orchestrator.report import write_report
     from orchestrator.study import run_ablation
 
     from orchestrator.progress import TuneProgress
 
-    r = run_ablation(grid, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus)
-    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
-    print(rep["markdown"])
-    console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
-                  f"`taalm ui {r['study_dir']}` to browse", highlight=False, soft_wrap=True)
+    _report_study(run_ablation(grid, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus))
 
 
 @app.command()
@@ -145,14 +150,9 @@ def tune(
     console.print(f"[bold]{spec.name}[/]: {spec.num_samples} trials, objectives "
                   f"{', '.join(o.metric + ' ' + o.mode for o in spec.objectives)}", highlight=False)
     from orchestrator.progress import TuneProgress
-    from orchestrator.report import write_report
     from orchestrator.search import run_search
 
-    r = run_search(space, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus)
-    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
-    print(rep["markdown"])
-    console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}",
-                  highlight=False, soft_wrap=True)
+    _report_study(run_search(space, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus))
 
 
 @app.command()
@@ -171,13 +171,10 @@ def resume(
     if s.get("kind") != "grid":
         raise InputError(str(f), "only ablation studies (taalm ablate) can be resumed; re-run `taalm tune`")
     from orchestrator.progress import TuneProgress
-    from orchestrator.report import write_report
     from orchestrator.study import run_ablation
 
-    r = run_ablation(s["grid"], s["overrides"], s["out_root"], address, s["tracking_uri"], progress=TuneProgress(),
-                     num_cpus=num_cpus, resume=True)
-    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
-    print(rep["markdown"])
+    _report_study(run_ablation(s["grid"], s["overrides"], s["out_root"], address, s["tracking_uri"],
+                               progress=TuneProgress(), num_cpus=num_cpus, resume=True))
 
 
 @app.command()

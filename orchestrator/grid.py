@@ -150,6 +150,23 @@ def _label(spec: GridSpec, combo: dict) -> str:
     return " / ".join(parts) if parts else spec.name
 
 
+def load_base(path: Path, lines: dict, base: Optional[str], overrides: dict, schema) -> tuple[dict, Path]:
+    """The base run config of a grid or search space (validated in its own file), plus the spec's
+    dotted overrides; returns (config dict, directory of the base file)."""
+    data: dict = {}
+    base_dir = path.parent
+    if base:
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise InputError(f"{path}:{lines.get(('base',), 1)} (base)", f"base config {base_path} not found")
+        data, base_lines = load_yaml(base_path)
+        validate(schema, copy.deepcopy(data), str(base_path), base_lines)
+        base_dir = base_path.parent
+    for k, v in overrides.items():
+        _set(data, k, v)
+    return data, base_dir
+
+
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridSpec, list[Trial], Optional[dict]]:
     """Read, validate and expand a grid; every trial's config is validated here, before any trial starts.
     Returns (spec, trials, meta config dict or None)."""
@@ -157,22 +174,12 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
     data, lines = load_yaml(path)
     touched = apply_overrides(data, overrides)
     spec = validate(GridSpec, data, str(path), lines, touched)
-    base: dict = {}
     schema = RunConfig
-    base_dir = path.parent
     if spec.protocol == "temporalwiki":
         from trainables.temporalwiki import TemporalWikiConfig
 
         schema = TemporalWikiConfig
-    if spec.base:
-        base_path = (path.parent / spec.base).resolve()
-        if not base_path.is_file():
-            raise InputError(f"{path}:{lines.get(('base',), 1)} (base)", f"base config {base_path} not found")
-        base, base_lines = load_yaml(base_path)
-        validate(schema, copy.deepcopy(base), str(base_path), base_lines)
-        base_dir = base_path.parent
-    for k, v in spec.overrides.items():
-        _set(base, k, v)
+    base, base_dir = load_base(path, lines, spec.base, spec.overrides, schema)
     combos = expand(spec)
     if not combos:
         raise InputError(f"{path} (exclude)", "the exclusions remove every trial")

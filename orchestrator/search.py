@@ -31,7 +31,7 @@ from trainables.checkpoint import write_json_atomic
 from trainables.config import RunConfig, apply_overrides, config_to_dict, load_yaml, validate
 from trainables.errors import InputError
 
-from .grid import Resources
+from .grid import Resources, load_base
 
 
 class Param(BaseModel):
@@ -146,15 +146,7 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> tuple[S
     data, lines = load_yaml(path)
     touched = apply_overrides(data, overrides)
     spec = validate(SearchSpec, data, str(path), lines, touched)
-    base: dict = {}
-    if spec.base:
-        bp = (path.parent / spec.base).resolve()
-        if not bp.is_file():
-            raise InputError(f"{path}:{lines.get(('base',), 1)} (base)", f"base config {bp} not found")
-        base, blines = load_yaml(bp)
-        validate(RunConfig, copy.deepcopy(base), str(bp), blines)
-    for k, v in spec.overrides.items():
-        apply_overrides(base, [f"{k}={json.dumps(v)}"])
+    base, _ = load_base(path, lines, spec.base, spec.overrides, RunConfig)
     # every parameter must land on a real config key with an admissible value: check the corners now
     for key, p in spec.space.items():
         values = p.choices if p.type == "categorical" else [p.low, p.high]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trainables.config import RecAdamOptions, ReplayConfig
+from trainables.config import RecAdamOptions
 from trainables.continual import continual_update, prepare_run
 from trainables.errors import InputError
 from trainables.regularizers import RecAdam, anneal_lambda

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .checkpoint import write_json_atomic
 from .config import RunConfig, _Strict, config_to_dict
 from .data import REPO_ROOT, read_jsonl_validated
-from .encode import EncodedDoc, collate, encode_document
+from .encode import EncodedDoc, encode_document
 from .errors import InputError
 from .loss import token_nll
 from .metrics import EncodedProbe, encode_probe, mean
