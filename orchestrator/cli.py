@@ -127,9 +127,8 @@ def ablate(
     spec, trials, meta = load_grid(grid, set_)  # validated before Ray or MLflow start
     console.print(f"[bold]{spec.name}[/]: {len(trials)} trials ({len({t.label for t in trials})} methods x "
                   f"{len(spec.seeds)} seeds){' + meta-training stage' if meta else ''}", highlight=False)
-    from orchestrator.study import run_ablation
-
     from orchestrator.progress import TuneProgress
+    from orchestrator.study import run_ablation
 
     _report_study(run_ablation(grid, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus))
 
