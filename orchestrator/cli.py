@@ -161,14 +161,12 @@ def resume(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
 ):
     """Resume an interrupted ablation: finished trials are kept, the others continue from their checkpoints."""
-    import json
+    from orchestrator.report import read_study
 
-    f = study / "study.json"
-    if not f.is_file():
-        raise InputError(str(study), "not a study directory (no study.json)")
-    s = json.loads(f.read_text())
+    s = read_study(study)
     if s.get("kind") != "grid":
-        raise InputError(str(f), "only ablation studies (taalm ablate) can be resumed; re-run `taalm tune`")
+        raise InputError(str(study / "study.json"),
+                         "only ablation studies (taalm ablate) can be resumed; re-run `taalm tune`")
     from orchestrator.progress import TuneProgress
     from orchestrator.study import run_ablation
 

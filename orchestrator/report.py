@@ -160,7 +160,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
             if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)]
 
 
-def study_tracking(study_dir: Path) -> tuple[str, str]:
+def read_study(study_dir: Path) -> dict:
+    """The study.json of a study directory (written by `taalm ablate` / `taalm tune`), checked."""
     import json
 
     from trainables.errors import InputError
@@ -168,7 +169,18 @@ def study_tracking(study_dir: Path) -> tuple[str, str]:
     f = Path(study_dir) / "study.json"
     if not f.is_file():
         raise InputError(str(study_dir), "not a study directory (no study.json): run `taalm ablate` first")
-    s = json.loads(f.read_text())
+    try:
+        s = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{f}:{e.lineno}", f"corrupt study file: {e.msg}") from None
+    missing = [k for k in ("name", "tracking_uri") if not isinstance(s, dict) or not isinstance(s.get(k), str)]
+    if missing:
+        raise InputError(str(f), f"corrupt study file: missing {', '.join(missing)}")
+    return s
+
+
+def study_tracking(study_dir: Path) -> tuple[str, str]:
+    s = read_study(study_dir)
     return s["tracking_uri"], s["name"]
 
 

@@ -122,12 +122,16 @@ def load_phi(directory: str | Path, tokenizer, device="cpu", where: str = "weigh
         raise InputError(f"{where}: {d}", "not a Train-Attention checkpoint (phi.json + phi.safetensors)")
     try:
         meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{meta_path}:{e.lineno}", f"corrupt Train-Attention metadata: {e.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InputError(str(meta_path), f"unknown format {found!r} (expected {FORMAT!r})")
+    try:
         phi_cfg = PhiConfig.model_validate(meta["phi"])
         theta_model = ModelConfig.model_validate(meta["theta_model"])
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
+    except (KeyError, ValueError) as e:
         raise InputError(str(meta_path), f"corrupt Train-Attention metadata: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(str(meta_path), f"unknown format {meta.get('format')!r}")
     if meta.get("tokenizer_hash") != tokenizer_hash(tokenizer):
         raise InputError(f"{where}: {d}", "φ was trained with a different tokenizer than θ's")
     try:

@@ -1,0 +1,392 @@
+"""Bad input, table-driven, through every command of the `taalm` CLI.
+
+Each case gives a clear message naming what is wrong and where (``file:line (key.path)``, ``--set key``,
+a file path or a config key), exits with code 2, and starts and writes nothing: the directory the case
+works in is byte-for-byte unchanged afterwards (no output directory, no MLflow store, no checkpoint),
+no Ray instance is running and no child process was left behind.
+
+The number of cases is asserted (``N_CASES``) so that dropping one is a visible change.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "run_tiny.yaml"
+META = ROOT / "examples" / "meta_tiny.yaml"
+TW = ROOT / "examples" / "temporalwiki_tiny.yaml"
+SMOKE = ROOT / "ablations" / "smoke_tiny.yaml"
+RUN_TEXT = TINY.read_text()
+TW_FIXTURE = ROOT / "tests" / "fixtures" / "temporalwiki"
+
+
+def line_of(text: str, prefix: str, shift: int = 0) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith(prefix)) + shift
+
+
+# ---- preparations: build the (bad) inputs of a case inside its working directory -------------------------
+
+def lama_copy(tmp: Path) -> Path:
+    from trainables.data import DEFAULT_LAMA_DIR
+
+    d = tmp / "lama"
+    shutil.copytree(DEFAULT_LAMA_DIR, d)
+    for p in d.iterdir():
+        p.chmod(0o644)
+    return d
+
+
+def lama_line(name: str, lineno: int, edit: Callable[[str], str]):
+    def prep(tmp: Path) -> None:
+        p = lama_copy(tmp) / name
+        lines = p.read_text().splitlines()
+        lines[lineno - 1] = edit(lines[lineno - 1])
+        p.write_text("\n".join(lines) + "\n")
+    return prep
+
+
+def drop_field(name: str):
+    def edit(line: str) -> str:
+        rec = json.loads(line)
+        del rec[name]
+        return json.dumps(rec)
+    return edit
+
+
+def set_field(name: str, value):
+    def edit(line: str) -> str:
+        return json.dumps({**json.loads(line), name: value})
+    return edit
+
+
+def lama_without(name: str):
+    def prep(tmp: Path) -> None:
+        (lama_copy(tmp) / name).unlink()
+    return prep
+
+
+def loop_checkpoint(files: dict[str, bytes]):
+    """An output directory holding a (damaged) loop checkpoint, as an interrupted `taalm run` leaves it."""
+    def prep(tmp: Path) -> None:
+        d = tmp / "out" / "checkpoint"
+        d.mkdir(parents=True)
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+    return prep
+
+
+def valid_tensors_bad_state(tmp: Path) -> None:
+    """Real safetensors files, but a state.json cut off in the middle."""
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp / "out" / "checkpoint"
+    d.mkdir(parents=True)
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        save_file({"x": torch.zeros(1)}, str(d / name))
+    (d / "state.json").write_text('{"epoch": 1,\n "history": {')
+
+
+def phi_dir(files: dict[str, bytes]):
+    def prep(tmp: Path) -> None:
+        d = tmp / "phi"
+        d.mkdir()
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+    return prep
+
+
+def study_dir(study_json: Optional[str]):
+    def prep(tmp: Path) -> None:
+        d = tmp / "study"
+        d.mkdir()
+        if study_json is not None:
+            (d / "study.json").write_text(study_json)
+    return prep
+
+
+@dataclass
+class Case:
+    id: str
+    category: str
+    argv: list[str]  # {T}: the case's working directory, {R}: the repository root
+    fragments: list[str]  # all must appear in the message ({T} and {R} substituted)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> text ({R} substituted)
+    prep: Optional[Callable[[Path], None]] = None
+
+
+def run_case(text: str) -> dict[str, str]:
+    return {"cfg.yaml": text}
+
+
+def grid(text: str) -> dict[str, str]:
+    return {"g.yaml": text.replace("BASE", str(TINY))}
+
+
+def space(text: str) -> dict[str, str]:
+    return {"s.yaml": text.replace("BASE", str(TINY))}
+
+
+RUN = ["run", "{T}/cfg.yaml", "--out", "{T}/out"]
+RUN_TINY = ["run", str(TINY), "--out", "{T}/out"]
+ABLATE = ["ablate", "{T}/g.yaml", "--out", "{T}/studies"]
+TUNE = ["tune", "{T}/s.yaml", "--out", "{T}/studies"]
+META_TRAIN = ["meta-train", str(META), "--out", "{T}/m"]
+TEMPORALWIKI = ["temporalwiki", str(TW), "--out", "{T}/tw"]
+LINE_LR = line_of(RUN_TEXT, "  lr:")
+SPACE = "name: s\nbase: BASE\nspace:\n"
+GARBAGE = b"\x00\x01 not safetensors"
+
+CASES = [
+    # --- YAML syntax -------------------------------------------------------------------------------------
+    Case("run: unclosed list", "yaml syntax", RUN, ["cfg.yaml:", "YAML syntax error"],
+         run_case(RUN_TEXT.replace("  lr: 3.0e-3", "  lr: [3.0e-3"))),
+    Case("run: top level is a list", "yaml syntax", RUN, ["cfg.yaml:1", "mapping"], run_case("- a\n- b\n")),
+    Case("run: tab indentation", "yaml syntax", RUN, ["cfg.yaml:", "YAML syntax error"],
+         run_case(RUN_TEXT.replace("  lr: 3.0e-3", "\tlr: 3.0e-3"))),
+    Case("grid: unclosed mapping", "yaml syntax", ABLATE, ["g.yaml:", "YAML syntax error"],
+         grid("name: g\nbase: BASE\naxes: {train.lr: [1]\n")),
+    Case("search: bad indentation", "yaml syntax", TUNE, ["s.yaml:", "YAML syntax error"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\n bad: 1\n")),
+    Case("meta-train: --set value", "yaml syntax", META_TRAIN + ["--set", "meta.steps=[1"], ["--set meta.steps"]),
+    # --- unknown keys --------------------------------------------------------------------------------------
+    Case("run: unknown key", "unknown key", RUN, [f"cfg.yaml:{LINE_LR + 1} (train.learning_rate)", "unknown key"],
+         run_case(RUN_TEXT.replace("  lr: 3.0e-3", "  lr: 3.0e-3\n  learning_rate: 1"))),
+    Case("run: unknown section", "unknown key", RUN, ["cfg.yaml:", "(trainer)", "unknown key"],
+         run_case(RUN_TEXT + "trainer:\n  lr: 1\n")),
+    Case("run: --set unknown key", "unknown key", RUN_TINY + ["--set", "train.lrr=1"],
+         ["--set train.lrr", "unknown key"]),
+    Case("grid: unknown key", "unknown key", ABLATE, ["g.yaml:3 (axis)", "unknown key"],
+         grid("name: g\nbase: BASE\naxis:\n  train.lr: [1]\n")),
+    Case("grid: axis is not a config key", "unknown key", ABLATE, ["train.learning_rate", "unknown key"],
+         grid("name: g\nbase: BASE\naxes:\n  train.learning_rate: [0.1]\n")),
+    Case("grid: unknown resources key", "unknown key", ABLATE, ["g.yaml:3 (resources.gpu)"],
+         grid("name: g\nbase: BASE\nresources: {gpu: 1}\n")),
+    Case("search: not a config key", "unknown key", TUNE, ["(space.train.learning_rate)", "unknown key"],
+         space(SPACE + "  train.learning_rate: {type: float, low: 0.1, high: 0.2}\n")),
+    Case("temporalwiki: unknown key", "unknown key", TEMPORALWIKI + ["--set", "temporalwiki.epochs=2"],
+         ["--set temporalwiki.epochs", "unknown key"]),
+    # --- wrong types ---------------------------------------------------------------------------------------
+    Case("run: string for a number", "wrong type", RUN, [f"cfg.yaml:{LINE_LR} (train.lr)", "number"],
+         run_case(RUN_TEXT.replace("  lr: 3.0e-3", "  lr: fast"))),
+    Case("run: enum value", "wrong type", RUN, [f"cfg.yaml:{line_of(RUN_TEXT, '  kind:')} (params.kind)", "'lora'"],
+         run_case(RUN_TEXT.replace("  kind: full", "  kind: adapters"))),
+    Case("run: --set device", "wrong type", RUN_TINY + ["--set", "device=tpu"], ["--set device", "auto, cpu, cuda"]),
+    Case("run: --set without =", "wrong type", RUN_TINY + ["--set", "train.lr"], ["--set train.lr", "dotted.key=value"]),
+    Case("grid: axis not a list", "wrong type", ABLATE, ["g.yaml:", "(axes.train.lr)"],
+         grid("name: g\nbase: BASE\naxes:\n  train.lr: 0.1\n")),
+    Case("search: unknown distribution", "wrong type", TUNE, ["(space.train.lr.type)"],
+         space(SPACE + "  train.lr: {type: gaussian, low: 1, high: 2}\n")),
+    Case("meta-train: objective", "wrong type", META_TRAIN + ["--set", "meta.objective=change4"], ["meta.objective"]),
+    Case("meta-train: inner optimizer", "wrong type", META_TRAIN + ["--set", "meta.inner_optimizer=rmsprop"],
+         ["meta.inner_optimizer"]),
+    Case("meta-train: φ parameters", "wrong type", META_TRAIN + ["--set", "phi.params.kind=qlora2"],
+         ["phi.params.kind"]),
+    Case("report: study.json not JSON", "wrong type", ["report", "{T}/study"], ["{T}/study/study.json:1"],
+         prep=study_dir("{not json")),
+    Case("resume: study.json not JSON", "wrong type", ["resume", "{T}/study"], ["{T}/study/study.json:1"],
+         prep=study_dir("{not json")),
+    # --- out-of-range values -------------------------------------------------------------------------------
+    Case("run: negative epochs", "out of range", RUN,
+         [f"cfg.yaml:{line_of(RUN_TEXT, '  epochs:')} (train.epochs)", "greater than or equal to 0"],
+         run_case(RUN_TEXT.replace("  epochs: 3", "  epochs: -1"))),
+    Case("run: --set batch size 0", "out of range", RUN_TINY + ["--set", "train.batch_size=0"],
+         ["--set train.batch_size", "greater than or equal"]),
+    Case("run: --set negative lr", "out of range", RUN_TINY + ["--set", "train.lr=-1"], ["--set train.lr"]),
+    Case("grid: value in an axis", "out of range", ABLATE, ["g.yaml:4", "train.lr", "greater than 0", "seed 0"],
+         grid("name: g\nbase: BASE\naxes:\n  train.lr: [0.1, -1]\n")),
+    Case("grid: workers 0", "out of range", ABLATE, ["(resources.workers)"],
+         grid("name: g\nbase: BASE\nresources: {workers: 0}\n")),
+    Case("grid: --set max_concurrent 0", "out of range",
+         ["ablate", str(SMOKE), "--out", "{T}/studies", "--set", "resources.max_concurrent=0"],
+         ["--set resources.max_concurrent"]),
+    Case("grid: time budget 0", "out of range", ABLATE, ["(resources.time_budget_s)"],
+         grid("name: g\nbase: BASE\nresources: {time_budget_s: 0}\n")),
+    Case("search: low >= high", "out of range", TUNE, ["(space.train.lr)", "low < high"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.01}\n")),
+    Case("search: log scale from 0", "out of range", TUNE, ["log scale"],
+         space(SPACE + "  train.lr: {type: float, low: 0, high: 0.01, log: true}\n")),
+    Case("search: corner outside the schema", "out of range", TUNE, ["(space.train.lr)", "greater than 0"],
+         space(SPACE + "  train.lr: {type: float, low: -1.0, high: 0.2}\n")),
+    Case("meta-train: dummy_loop -1", "out of range", META_TRAIN + ["--set", "meta.dummy_loop=-1"],
+         ["meta.dummy_loop"]),
+    Case("meta-train: validation set too large", "out of range", META_TRAIN + ["--set", "meta.val_size=100000"],
+         ["meta.val_size"]),
+    Case("tailor: pool size 0", "out of range", ["data", "tailor", "--model", "tiny", "--out", "{T}/t",
+                                                 "--ta-pool-size", "0"], ["--ta-pool-size"]),
+    Case("run: RecAdam pull overshoots", "out of range",
+         RUN_TINY + ["--set", "regularizer.kind=recadam", "--set", "regularizer.recadam.gamma=5000"],
+         ["regularizer"]),
+    # --- empty axes and other empty collections ----------------------------------------------------------------
+    Case("grid: empty axis", "empty", ABLATE, ["g.yaml:3 (axes)", "no values"],
+         grid("name: g\nbase: BASE\naxes:\n  train.lr: []\n")),
+    Case("grid: zip of unequal lengths", "empty", ABLATE, ["(zip)", "equal"],
+         grid("name: g\nbase: BASE\nzip:\n  - {train.lr: [1, 2], train.epochs: [1]}\n")),
+    Case("grid: everything excluded", "empty", ABLATE, ["(exclude)", "every trial"],
+         grid("name: g\nbase: BASE\naxes:\n  train.lr: [0.1]\nexclude:\n  - {train.lr: 0.1}\n")),
+    Case("grid: no seeds", "empty", ABLATE, ["(seeds)"], grid("name: g\nbase: BASE\nseeds: []\n")),
+    Case("grid: repeated seeds", "empty", ABLATE, ["(seeds)", "repeats"],
+         grid("name: g\nbase: BASE\nseeds: [1, 1]\n")),
+    Case("search: empty space", "empty", TUNE, ["at least one parameter"], space("name: s\nbase: BASE\nspace: {}\n")),
+    Case("search: no choices", "empty", TUNE, ["(space.weighting.scheme)"],
+         space(SPACE + "  weighting.scheme: {type: categorical, choices: []}\n")),
+    Case("temporalwiki: no periods", "empty", TEMPORALWIKI + ["--set", "temporalwiki.periods=[]"], ["periods"]),
+    # --- unknown scheme / method names ----------------------------------------------------------------------
+    Case("run: unknown scheme", "unknown name", RUN, ["(weighting.scheme)", "unknown weighting scheme 'oracel'",
+                                                      "known:"],
+         run_case(RUN_TEXT.replace("  scheme: uniform", "  scheme: uniform*oracel"))),
+    Case("run: random.match unknown", "unknown name", RUN_TINY + ["--set", "weighting.random.match=foo"],
+         ["--set weighting.random", "another scheme"]),
+    Case("run: unknown model", "unknown name", RUN_TINY + ["--set", "model.name=no-such-model"], ["model.name"]),
+    Case("run: unknown replay kind", "unknown name", RUN_TINY + ["--set", "replay.kind=replay_all"], ["replay.kind"]),
+    Case("grid: unknown scheme in an axis", "unknown name", ABLATE,
+         ["weighting.scheme", "unknown weighting scheme 'oracel'"],
+         grid("name: g\nbase: BASE\naxes:\n  weighting.scheme: [uniform, oracel]\n")),
+    Case("grid: TAALM without a meta stage", "unknown name", ABLATE, ["(meta)"],
+         grid("name: g\nbase: BASE\naxes:\n  weighting.scheme: [train_attention]\n")),
+    Case("grid: bad study name", "unknown name", ABLATE, ["(name)"], grid("name: 'a b'\nbase: BASE\n")),
+    Case("search: unknown scheme choice", "unknown name", TUNE, ["(space.weighting.scheme)", "nope"],
+         space(SPACE + "  weighting.scheme: {type: categorical, choices: [uniform, nope]}\n")),
+    Case("search: condition on a later key", "unknown name", TUNE, ["listed before"],
+         space(SPACE + "  weighting.rho1.k: {type: float, low: 0.1, high: 0.5, when: {weighting.scheme: rho1}}\n"
+                       "  weighting.scheme: {type: categorical, choices: [rho1]}\n")),
+    Case("search: three objectives", "out of range", TUNE, ["one or two objectives"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\nobjectives: [{metric: top_acc}, "
+                       "{metric: nf_acc}, {metric: ntf_acc}]\n")),
+    Case("search: unknown objective metric", "unknown name", TUNE, ["objectives"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\nobjectives: [{metric: accuracy}]\n")),
+    Case("tailor: unknown task", "unknown name", ["data", "tailor", "--model", "tiny", "--task", "narrative",
+                                                 "--out", "{T}/t"], ["data.task"]),
+    Case("temporalwiki: period without probes", "unknown name",
+         TEMPORALWIKI + ["--set", f'temporalwiki.periods=[{{name: "0708", diff: "{TW_FIXTURE}/0910.jsonl"}}]'],
+         ["no shipped changed probes"]),
+    # --- missing files --------------------------------------------------------------------------------------
+    Case("run: missing config file", "missing file", ["run", "{T}/none.yaml", "--out", "{T}/out"],
+         ["none.yaml: no such file"]),
+    Case("run: missing data dir", "missing file", RUN_TINY + ["--set", "data.dir=/nonexistent/lama"],
+         ["/nonexistent/lama", "not found"]),
+    Case("run: data file missing", "missing file", RUN_TINY + ["--set", "data.dir={T}/lama"],
+         ["{T}/lama/invariant_descriptive.jsonl", "data file not found"],
+         prep=lama_without("invariant_descriptive.jsonl")),
+    Case("run: split file required", "missing file", RUN_TINY + ["--set", "data.split=file"],
+         ["data.split_file", "required"]),
+    Case("run: split file missing", "missing file",
+         RUN_TINY + ["--set", "data.split=file", "--set", "data.split_file={T}/split.json"], ["split.json"]),
+    Case("run: base model path missing", "missing file", RUN_TINY + ["--set", "model.name={T}/no-model"],
+         ["model.name"]),
+    Case("tailor: model path missing", "missing file", ["data", "tailor", "--model", "{T}/no-model", "--out", "{T}/t"],
+         ["model.name"]),
+    Case("grid: base missing", "missing file", ABLATE, ["(base)", "not found"],
+         grid("name: g\nbase: nowhere.yaml\n")),
+    Case("grid: meta config missing", "missing file", ABLATE, ["(meta", "not found"],
+         grid("name: g\nbase: BASE\nmeta: {config: nowhere.yaml}\naxes:\n  weighting.scheme: [train_attention]\n")),
+    Case("temporalwiki: diff file missing", "missing file",
+         TEMPORALWIKI + ["--set", 'temporalwiki.periods=[{name: "0910", diff: "{T}/none.jsonl"}]'], ["none.jsonl"]),
+    Case("meta-train: records file missing", "missing file", META_TRAIN + ["--set", "records={T}/none.jsonl"],
+         ["none.jsonl"]),
+    Case("resume: not a study", "missing file", ["resume", "{T}/study"], ["{T}/study", "no study.json"],
+         prep=study_dir(None)),
+    Case("report: not a study", "missing file", ["report", "{T}/study"], ["{T}/study", "no study.json"],
+         prep=study_dir(None)),
+    Case("data validate: missing dir", "missing file", ["data", "validate", "{T}/nope"], ["{T}/nope", "not found"]),
+    # --- malformed JSON-lines ---------------------------------------------------------------------------------
+    Case("run: truncated JSON line", "malformed jsonl", RUN_TINY + ["--set", "data.dir={T}/lama"],
+         ["{T}/lama/variant.jsonl:10", "malformed JSON"], prep=lama_line("variant.jsonl", 10, lambda s: s[:-5])),
+    Case("data validate: missing field", "malformed jsonl", ["data", "validate", "{T}/lama"],
+         ["{T}/lama/invariant_schematic.jsonl:42", "'evidence'", "missing"],
+         prep=lama_line("invariant_schematic.jsonl", 42, drop_field("evidence"))),
+    Case("data validate: empty object", "malformed jsonl", ["data", "validate", "{T}/lama"],
+         ["{T}/lama/variant.jsonl:1", "'object'"], prep=lama_line("variant.jsonl", 1, set_field("object", "  "))),
+    Case("data validate: object is a list", "malformed jsonl", ["data", "validate", "{T}/lama"],
+         ["{T}/lama/variant.jsonl:3"], prep=lama_line("variant.jsonl", 3, set_field("object", ["Brazil"]))),
+    Case("tailor: malformed line", "malformed jsonl", ["data", "tailor", "--model", "tiny", "--data-dir", "{T}/lama",
+                                                       "--out", "{T}/t"], ["{T}/lama/variant.jsonl:5"],
+         prep=lama_line("variant.jsonl", 5, lambda s: "not json")),
+    Case("temporalwiki: diff line without text", "malformed jsonl",
+         TEMPORALWIKI + ["--set", 'temporalwiki.periods=[{name: "0910", diff: "{T}/bad.jsonl"}]'], ["bad.jsonl:2"],
+         {"bad.jsonl": '{"text": "fine"}\n{"txt": "no text field"}\n'}),
+    Case("meta-train: records line malformed", "malformed jsonl",
+         META_TRAIN + ["--set", "records={T}/records.jsonl"], ["records.jsonl:2"],
+         {"records.jsonl": (TW_FIXTURE / "records.jsonl").read_text().splitlines()[0] + "\n{\"text\": 1\n"}),
+    Case("run: split file not JSON", "malformed jsonl",
+         RUN_TINY + ["--set", "data.split=file", "--set", "data.split_file={T}/split.json"], ["{T}/split.json"],
+         {"split.json": "{\"to_learn\": [\n"}),
+    # --- corrupt checkpoints ---------------------------------------------------------------------------------
+    Case("run: garbage loop checkpoint", "corrupt checkpoint", RUN_TINY, ["{T}/out/checkpoint", "corrupt checkpoint"],
+         prep=loop_checkpoint({f: GARBAGE for f in ("trainable.safetensors", "optimizer.safetensors",
+                                                     "rng.safetensors")} | {"state.json": b"{}"})),
+    Case("run: loop checkpoint file missing", "corrupt checkpoint", RUN_TINY, ["checkpoint file missing"],
+         prep=loop_checkpoint({"state.json": b"{}"})),
+    Case("run: loop checkpoint state cut off", "corrupt checkpoint", RUN_TINY,
+         ["{T}/out/checkpoint/state.json:", "corrupt checkpoint state"], prep=valid_tensors_bad_state),
+    Case("run: φ metadata not JSON", "corrupt checkpoint",
+         RUN_TINY + ["--set", "weighting.scheme=train_attention", "--set", "weighting.train_attention.phi={T}/phi"],
+         ["{T}/phi/phi.json", "corrupt Train-Attention metadata"],
+         prep=phi_dir({"phi.json": b"{oops", "phi.safetensors": GARBAGE})),
+    Case("run: φ directory empty", "corrupt checkpoint",
+         RUN_TINY + ["--set", "weighting.scheme=train_attention", "--set", "weighting.train_attention.phi={T}/phi"],
+         ["{T}/phi", "not a Train-Attention checkpoint"], prep=phi_dir({})),
+    Case("run: φ of an unknown format", "corrupt checkpoint",
+         RUN_TINY + ["--set", "weighting.scheme=train_attention", "--set", "weighting.train_attention.phi={T}/phi"],
+         ["{T}/phi/phi.json", "unknown format"],
+         prep=phi_dir({"phi.json": b'{"format": "pickle"}', "phi.safetensors": GARBAGE})),
+    Case("run: TAALM without φ", "corrupt checkpoint", RUN_TINY + ["--set", "weighting.scheme=train_attention"],
+         ["weighting.train_attention.phi"]),
+]
+
+N_CASES = 89
+CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
+              "malformed jsonl", "corrupt checkpoint"}
+
+
+def test_the_table():
+    assert len(CASES) == N_CASES, f"{len(CASES)} cases; update N_CASES (and docs/RELIABILITY.md)"
+    assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
+    assert {c.category for c in CASES} == CATEGORIES
+    counts = {cat: sum(c.category == cat for c in CASES) for cat in CATEGORIES}
+    assert min(counts.values()) >= 3, counts
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.is_dir(), None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns))
+            for p in sorted(root.rglob("*"))}
+
+
+def children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path, capsys):
+    import ray
+
+    def sub(s: str) -> str:
+        return s.replace("{T}", str(tmp_path)).replace("{R}", str(ROOT))
+
+    for rel, text in case.files.items():
+        (tmp_path / rel).write_text(sub(text))
+    if case.prep:
+        case.prep(tmp_path)
+    before, procs = snapshot(tmp_path), children()
+    with pytest.raises(SystemExit) as e:
+        main([sub(a) for a in case.argv])
+        raise SystemExit(0)
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 2, err
+    for frag in case.fragments:
+        assert sub(frag) in err, (sub(frag), err)
+    assert snapshot(tmp_path) == before, "bad input must not write anything"
+    assert not ray.is_initialized(), "bad input must not start Ray"
+    assert children() <= procs, "bad input must not leave processes behind"
+    assert "Traceback" not in err
