@@ -25,7 +25,8 @@ def _setup_threads(config: dict) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _restore_into(out: Path, name: str) -> None:
+def _restore_into(out: Path, name: str) -> bool:
+    """Copy the latest Ray Train checkpoint's NAME/ into OUT; whether there was one."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -34,6 +35,31 @@ def _restore_into(out: Path, name: str) -> None:
             src = Path(d) / name
             if src.is_dir():
                 shutil.copytree(src, out / name, dirs_exist_ok=True)
+                return True
+    return False
+
+
+FAULT_ENV = "TAALM_INJECT_FAULT"
+
+
+def injected_faults(labels: list[str]) -> dict[str, int]:
+    """Fault injection for checking retries before a long study (a testing hook, off by default).
+
+    ``TAALM_INJECT_FAULT=EPOCH`` (every trial) or ``EPOCH:LABEL[,EPOCH:LABEL...]`` makes a trial's first
+    attempt crash at the first step after epoch EPOCH was checkpointed; a retry (``resources.max_failures``)
+    restores that checkpoint and goes on without the fault. Read once in the driver, at study start."""
+    from trainables.errors import InputError
+
+    raw = os.environ.get(FAULT_ENV, "").strip()
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        epoch, _, label = item.partition(":")
+        if not epoch.isdigit() or (label and label not in labels):
+            raise InputError(f"{FAULT_ENV}={raw}", f"expected EPOCH or EPOCH:LABEL with a label of this study "
+                                                    f"({', '.join(sorted(set(labels)))})")
+        for name in ([label] if label else labels):
+            out[name] = int(epoch)
+    return out
 
 
 def continual_worker(config: dict) -> None:
@@ -48,20 +74,29 @@ def continual_worker(config: dict) -> None:
     cfg = RunConfig.model_validate(config["run"])
     rank = ray.train.get_context().get_world_rank()
     out = Path(tempfile.mkdtemp(prefix=f"taalm-trial-r{rank}-"))
-    _restore_into(out, "checkpoint")
+    restored = _restore_into(out, "checkpoint")
 
     budget = config["resources"].get("time_budget_s")
+    fault = None if restored else config.get("inject_fault")  # only a first attempt crashes
     started = time.monotonic()
 
     class Report(Callback):
+        start_epoch = 0
+
+        def on_run_start(self, info):
+            self.start_epoch = info["start_epoch"]  # > 0 when this attempt resumed from a checkpoint
+
         def on_step(self, epoch, step, n_steps, loss):
             if budget is not None and time.monotonic() - started > budget:
                 raise TimeoutError(f"trial exceeded its time budget of {budget} s (resources.time_budget_s)")
+            if fault is not None and epoch == fault + 1:
+                raise RuntimeError(f"injected fault after epoch {fault} ({FAULT_ENV})")
 
         def on_epoch_end(self, r):
             metrics = {"epoch": r.epoch, **{k: getattr(r, k) for k in REPORT_KEYS}, **r.summary}
             metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
             metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which Ray node ran rank 0
+            metrics["start_epoch"] = self.start_epoch
             if r.checkpoint_dir:
                 # the checkpoint directory holds "checkpoint/" so a restore lands where the loop looks
                 with tempfile.TemporaryDirectory() as staging:

@@ -223,7 +223,8 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.resources.max_concurrent),
         run_config=tune.RunConfig(name=spec.name, storage_path=str((study_dir / "tune").resolve()),
-                                  callbacks=[MlflowTrials(study, {}, describe=describe)] + ([progress] if progress else []),
+                                  callbacks=[MlflowTrials(study, {}, describe=describe)]
+                                  + ([progress] if progress else []),
                                   verbose=0),
     )
     results = tuner.fit()

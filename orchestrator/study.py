@@ -106,7 +106,10 @@ def flatten_meta(cfg: dict) -> dict:
 def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                  address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
                  num_cpus: Optional[int] = None, resume: bool = False) -> dict:
+    from .ray_trainables import injected_faults
+
     spec, trials, meta_cfg = load_grid(grid_path, overrides)  # everything validated before anything starts
+    faults = injected_faults([t.label for t in trials])
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
@@ -129,9 +132,10 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
         info[t.key] = {"run_name": f"{t.label} seed {t.seed}", "role": "trial", "config": cfg,
                        "params": {"label": t.label, "seed": t.seed, "config": cfg},
                        "tags": {"taalm.label": t.label, "taalm.seed": t.seed, "taalm.order": order}}
-        dicts.append({"kind": "temporalwiki" if spec.protocol == "temporalwiki" else "continual", "trial_key": t.key, "label": t.label, "run": cfg,
+        dicts.append({"kind": "temporalwiki" if spec.protocol == "temporalwiki" else "continual",
+                      "trial_key": t.key, "label": t.label, "run": cfg,
                       "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
-                      "storage_path": str((study_dir / "train").resolve())})
+                      "storage_path": str((study_dir / "train").resolve()), "inject_fault": faults.get(t.label)})
     results = _tune(dicts, info, study, spec.name, study_dir, spec, progress, resume)
     failed = [r for r in results if r.error]
     study.finish("FAILED" if failed and len(failed) == len(dicts) else "FINISHED")

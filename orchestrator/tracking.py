@@ -150,6 +150,9 @@ class MlflowTrials(tune.Callback):
         self.logged[key].add(step)
         if isinstance(result.get("node_id"), str) and step == 0:
             self.study.client.set_tag(rid, "taalm.node_id", result["node_id"])
+        if result.get("start_epoch") and step == result["start_epoch"]:
+            # the first epoch of an attempt that continued from a checkpoint (a retry or `taalm resume`)
+            self.study.client.set_tag(rid, "taalm.resumed_from_epoch", str(result["start_epoch"] - 1))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from mlflow.entities import Metric
@@ -177,6 +180,14 @@ class MlflowTrials(tune.Callback):
                         self.study.client.log_artifact(rid, str(cand))
                         break
         self.study.client.set_terminated(rid, status="FINISHED")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A failed trial that Tune will retry (resources.max_failures): count it, keep the reason."""
+        key, rid = self._run(trial)
+        run = self.study.client.get_run(rid)
+        retries = int(run.data.tags.get("taalm.retries", "0")) + 1
+        self.study.client.set_tag(rid, "taalm.retries", str(retries))
+        self.study.client.set_tag(rid, "taalm.retry_reason", failure_reason(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         key, rid = self._run(trial)

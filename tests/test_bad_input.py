@@ -122,6 +122,7 @@ class Case:
     fragments: list[str]  # all must appear in the message ({T} and {R} substituted)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> text ({R} substituted)
     prep: Optional[Callable[[Path], None]] = None
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def run_case(text: str) -> dict[str, str]:
@@ -226,6 +227,9 @@ CASES = [
     Case("run: RecAdam pull overshoots", "out of range",
          RUN_TINY + ["--set", "regularizer.kind=recadam", "--set", "regularizer.recadam.gamma=5000"],
          ["regularizer"]),
+    Case("ablate: fault injection for an unknown label", "unknown name",
+         ["ablate", str(SMOKE), "--out", "{T}/studies"], ["TAALM_INJECT_FAULT=1:Finetun", "Finetune, Oracle"],
+         env={"TAALM_INJECT_FAULT": "1:Finetun"}),
     # --- empty axes and other empty collections ----------------------------------------------------------------
     Case("grid: empty axis", "empty", ABLATE, ["g.yaml:3 (axes)", "no values"],
          grid("name: g\nbase: BASE\naxes:\n  train.lr: []\n")),
@@ -343,7 +347,7 @@ CASES = [
          ["weighting.train_attention.phi"]),
 ]
 
-N_CASES = 89
+N_CASES = 90
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint"}
 
@@ -368,7 +372,7 @@ def children() -> set[int]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tmp_path, capsys):
+def test_bad_input(case: Case, tmp_path, capsys, monkeypatch):
     import ray
 
     def sub(s: str) -> str:
@@ -378,6 +382,8 @@ def test_bad_input(case: Case, tmp_path, capsys):
         (tmp_path / rel).write_text(sub(text))
     if case.prep:
         case.prep(tmp_path)
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, v)
     before, procs = snapshot(tmp_path), children()
     with pytest.raises(SystemExit) as e:
         main([sub(a) for a in case.argv])

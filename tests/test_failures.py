@@ -1,5 +1,6 @@
-"""Trial failure isolation: a diverging trial (non-finite loss) and a trial over its time budget end as
-FAILED in MLflow with the reason as a tag, the rest of the study completes, and the report lists them."""
+"""Trial failure isolation: a diverging trial (non-finite loss), a crashing trial (an injected fault) and a
+trial over its time budget end as FAILED in MLflow with the reason as a tag, the rest of the study completes,
+and the report lists them; with retries configured, a crashed trial is retried from its last checkpoint."""
 
 from pathlib import Path
 
@@ -27,19 +28,50 @@ def _trials(r):
     return {t.data.tags["taalm.label"]: t for t in c.search_runs([exp.experiment_id], "tags.`taalm.role` = 'trial'")}
 
 
-def test_diverging_trial_fails_alone(ray_local, tmp_path):
+def test_diverging_and_crashing_trials_fail_alone(ray_local, tmp_path, monkeypatch):
     from orchestrator.report import write_report
     from orchestrator.study import run_ablation
 
+    monkeypatch.setenv("TAALM_INJECT_FAULT", "1:crashes")
     r = run_ablation(ROOT / "ablations" / "failures_tiny.yaml", out_root=tmp_path)
-    assert r["trials"] == 2 and r["failed"] == 1
+    assert r["trials"] == 3 and r["failed"] == 2
     trials = _trials(r)
     assert trials["healthy"].info.status == "FINISHED"
     assert trials["diverges"].info.status == "FAILED"
     assert "non-finite loss" in trials["diverges"].data.tags["taalm.failure"]
+    assert trials["crashes"].info.status == "FAILED"
+    assert "injected fault after epoch 1" in trials["crashes"].data.tags["taalm.failure"]
+    assert "taalm.retries" not in trials["crashes"].data.tags  # max_failures 0: no retry
     rep = write_report(r["tracking_uri"], r["experiment"], tmp_path / "report")
-    assert "Failed trials (1)" in rep["markdown"] and "diverges seed 0" in rep["markdown"]
-    assert "| diverges |" in rep["markdown"]  # listed with 0 finished seeds and 1 failed, not dropped
+    assert "Failed trials (2)" in rep["markdown"]
+    for label in ("diverges", "crashes"):
+        assert f"{label} seed 0" in rep["markdown"]
+        assert f"| {label} |" in rep["markdown"]  # listed with 0 finished seeds and 1 failed, not dropped
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.study import run_ablation
+
+    monkeypatch.setenv("TAALM_INJECT_FAULT", "1:Finetune")
+    r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml",
+                     ["name=retry", "overrides={train.epochs: 3}", "resources.max_failures=1"], out_root=tmp_path)
+    assert r["failed"] == 0
+    trials = _trials(r)
+    c = MlflowClient(r["tracking_uri"])
+    crashed, healthy = trials["Finetune"], trials["Oracle"]
+    assert crashed.info.status == "FINISHED" and healthy.info.status == "FINISHED"
+    assert crashed.data.tags["taalm.retries"] == "1"
+    assert "injected fault after epoch 1" in crashed.data.tags["taalm.retry_reason"]
+    # the retry restored the epoch-1 checkpoint instead of starting over ...
+    assert crashed.data.tags["taalm.resumed_from_epoch"] == "1"
+    assert "taalm.retries" not in healthy.data.tags and "taalm.resumed_from_epoch" not in healthy.data.tags
+    # ... and every epoch is in MLflow exactly once, with the final metrics
+    for run in (crashed, healthy):
+        for name in ("to_learn_acc", "ntf_acc"):
+            assert sorted(m.step for m in c.get_metric_history(run.info.run_id, name)) == [0, 1, 2, 3]
+        assert "top_acc" in run.data.metrics
 
 
 def test_time_budget_fails_the_trial(ray_local, tmp_path):
