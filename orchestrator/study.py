@@ -15,7 +15,22 @@ from .grid import GridSpec, Trial, load_grid
 from .tracking import MlflowTrials, Study, default_tracking_uri
 
 
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def _keep_loopback() -> None:
+    """Let Ray use 127.0.0.1 as a node address. Ray rewrites 127.0.0.1 to the machine's outward address
+    unless its single-machine switch is set; that switch is read once, at import, so it is set both in the
+    environment (for the raylet, workers and job drivers started from here) and in this process."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+    """Attach to a Ray cluster (``address``), or start a local instance bound to 127.0.0.1 only (GCS,
+    raylets, workers; no dashboard)."""
     import ray
 
     if ray.is_initialized():
@@ -24,9 +39,15 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
     # save Tune's experiment state every second, so a killed driver loses at most ~1 s of trial states
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if address:
+        target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+        if target.rsplit(":", 1)[0] in LOOPBACK:  # a cluster started with --node-ip-address 127.0.0.1
+            _keep_loopback()
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        _keep_loopback()
+        # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
 
 
 def phi_cache_dir(meta_cfg: dict) -> Path:

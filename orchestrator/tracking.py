@@ -170,7 +170,10 @@ class MlflowTrials(tune.Callback):
                                        "curves.json")
             fig = learning_curve_figure(self.curves[key], meta["run_name"])
             if fig is not None:
+                import matplotlib.pyplot as plt
+
                 self.study.client.log_figure(rid, fig, "learning_curve.png")
+                plt.close(fig)  # the driver lives as long as the study: do not keep every trial's figure
         else:
             self.study.client.log_dict(rid, meta["config"], "meta_config.json")
             phi = Path(meta["tags"].get("taalm.phi_dir", ""))

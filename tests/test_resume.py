@@ -25,6 +25,18 @@ def _finished_trials(db: Path) -> int:
         return 0
 
 
+def _running_trial_epochs(db: Path) -> int:
+    """The highest epoch a still-running trial has logged (its checkpoint of that epoch exists by then)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            row = con.execute("select max(m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
+                              "join tags t on r.run_uuid = t.run_uuid where t.key = 'taalm.role' and "
+                              "t.value = 'trial' and r.status = 'RUNNING' and m.key = 'to_learn_acc'").fetchone()
+            return row[0] or 0
+    except sqlite3.Error:
+        return 0
+
+
 def test_sigkill_then_resume(tmp_path):
     exe = str(Path(sys.executable).with_name("taalm"))
     args = ["--set", "name=resume_me", "--set", "resources.max_concurrent=1", "--set", "overrides.train.epochs=3"]
@@ -37,7 +49,11 @@ def test_sigkill_then_resume(tmp_path):
     assert proc.poll() is None, "the study ended before it could be interrupted"
     assert _finished_trials(db) == 1
     time.sleep(3)  # Tune records a finished trial in its experiment state within ~1 s (TUNE_GLOBAL_CHECKPOINT_S)
-    assert proc.poll() is None
+    # ... and let the second trial checkpoint at least one epoch, so resuming it has something to restore
+    while time.time() < deadline and _running_trial_epochs(db) < 1 and proc.poll() is None:
+        time.sleep(0.2)
+    killed_after_epoch = _running_trial_epochs(db)
+    assert proc.poll() is None and 1 <= killed_after_epoch < 3
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         done_before = {row[0] for row in con.execute(
             "select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid where t.key = 'taalm.role' "
@@ -67,3 +83,6 @@ def test_sigkill_then_resume(tmp_path):
         if t.info.run_id in done_before:  # finished before the kill: not run again
             assert all(m.timestamp < killed_at_ms for m in hist)
             assert t.info.end_time < killed_at_ms
+            assert "taalm.resumed_from_epoch" not in t.data.tags
+        else:  # interrupted: continued from its last Ray Train checkpoint, not from scratch
+            assert int(t.data.tags["taalm.resumed_from_epoch"]) >= killed_after_epoch
