@@ -27,7 +27,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from trainables.config import RunConfig, apply_overrides, config_to_dict, load_yaml, scheme_names, validate
+from trainables.config import (RunConfig, apply_overrides, config_to_dict, flatten, load_yaml, scheme_names,
+                               validate)
 from trainables.errors import InputError
 
 
@@ -162,7 +163,9 @@ def load_base(path: Path, lines: dict, base: Optional[str], overrides: dict, sch
         data, base_lines = load_yaml(base_path)
         validate(schema, copy.deepcopy(data), str(base_path), base_lines)
         base_dir = base_path.parent
-    for k, v in overrides.items():
+    # nested and dotted keys merge key by key (`--set overrides.train.epochs=3` changes train.epochs only,
+    # it does not replace the whole train section)
+    for k, v in flatten(overrides).items():
         _set(data, k, v)
     return data, base_dir
 
@@ -215,7 +218,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
         from trainables.meta import MetaConfig
 
         mdata, mlines = load_yaml(meta_path)
-        for k, v in spec.meta.overrides.items():
+        for k, v in flatten(spec.meta.overrides).items():
             _set(mdata, k, v)
         meta_cfg = config_to_dict(validate(MetaConfig, mdata, str(meta_path), mlines))
         if meta_cfg.get("records") and not Path(meta_cfg["records"]).is_absolute():

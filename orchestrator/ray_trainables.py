@@ -82,9 +82,11 @@ def continual_worker(config: dict) -> None:
 
     class Report(Callback):
         start_epoch = 0
+        restored = None
 
         def on_run_start(self, info):
             self.start_epoch = info["start_epoch"]  # > 0 when this attempt resumed from a checkpoint
+            self.restored = info.get("restored_history")
 
         def on_step(self, epoch, step, n_steps, loss):
             if budget is not None and time.monotonic() - started > budget:
@@ -97,6 +99,10 @@ def continual_worker(config: dict) -> None:
             metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
             metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which Ray node ran rank 0
             metrics["start_epoch"] = self.start_epoch
+            if self.restored is not None:
+                # once per resumed attempt: the epochs before the checkpoint, in case the driver was killed
+                # before it logged them (the tracking callback fills in only what it is missing)
+                metrics["restored_history"], self.restored = self.restored, None
             if r.checkpoint_dir:
                 # the checkpoint directory holds "checkpoint/" so a restore lands where the loop looks
                 with tempfile.TemporaryDirectory() as staging:

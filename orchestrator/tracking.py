@@ -15,6 +15,8 @@ from typing import Any
 
 from ray import tune
 
+from trainables.config import flatten
+
 SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge", "avg_changed_ppl", "avg_unchanged_ppl")
 CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "changed_ppl",
           "unchanged_ppl")
@@ -32,17 +34,6 @@ def code_version() -> str:
         return sha or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 class Study:
@@ -131,28 +122,36 @@ class MlflowTrials(tune.Callback):
         self._run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
         key, rid = self._run(trial)
-        role = self.info[key]["role"]
+        restored = result.get("restored_history")
+        if isinstance(restored, dict):  # a resumed attempt: epochs the driver may have died before logging
+            for epoch in range(int(result.get("start_epoch") or 0)):
+                self._log_step(key, rid, epoch, {k: v[epoch] for k, v in restored.items()
+                                                 if isinstance(v, list) and epoch < len(v)})
         step = int(result.get("epoch", result.get("step", 0)))
-        if step in self.logged[key]:
-            return
-        names = CURVES if role == "trial" else ("val_acc", "object_weight_ratio")
-        now = int(time.time() * 1000)
-        metrics = []
-        for name in names:
-            v = result.get(name)
-            if isinstance(v, (int, float)) and v == v:
-                metrics.append(Metric(name, float(v), now, step))
-                self.curves[key].setdefault(name, {})[step] = float(v)
-        self.study.client.log_batch(rid, metrics=metrics)
-        self.logged[key].add(step)
+        self._log_step(key, rid, step, result)
         if isinstance(result.get("node_id"), str) and step == 0:
             self.study.client.set_tag(rid, "taalm.node_id", result["node_id"])
         if result.get("start_epoch") and step == result["start_epoch"]:
             # the first epoch of an attempt that continued from a checkpoint (a retry or `taalm resume`)
             self.study.client.set_tag(rid, "taalm.resumed_from_epoch", str(result["start_epoch"] - 1))
+
+    def _log_step(self, key: str, rid: str, step: int, values: dict) -> None:
+        """Log one epoch (step) of a trial's curves, unless it is already in MLflow."""
+        from mlflow.entities import Metric
+
+        if step in self.logged[key]:
+            return
+        names = CURVES if self.info[key]["role"] == "trial" else ("val_acc", "object_weight_ratio")
+        now = int(time.time() * 1000)
+        metrics = []
+        for name in names:
+            v = values.get(name)
+            if isinstance(v, (int, float)) and v == v:
+                metrics.append(Metric(name, float(v), now, step))
+                self.curves[key].setdefault(name, {})[step] = float(v)
+        self.study.client.log_batch(rid, metrics=metrics)
+        self.logged[key].add(step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from mlflow.entities import Metric

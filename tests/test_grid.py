@@ -57,3 +57,12 @@ def test_zip_rows_with_method_names():
     assert "label" not in trials[0].overrides and meta is not None
     spec, trials, _ = load_grid(ROOT / "ablations" / "combos_table6.yaml")
     assert all(t.needs_phi for t in trials) and len(trials) == 6
+
+
+def test_nested_and_dotted_overrides_merge_key_by_key():
+    """`--set overrides.train.epochs=3` changes train.epochs only; it must not replace the train section."""
+    base = load_grid(ROOT / "ablations" / "smoke_tiny.yaml")[1][0].config.train
+    for ov in (["overrides.train.epochs=3"], ["overrides={train.epochs: 3}"], ["overrides={train: {epochs: 3}}"]):
+        train = load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ov)[1][0].config.train
+        assert train.epochs == 3, ov
+        assert train.model_copy(update={"epochs": base.epochs}) == base, ov  # lr, batch size, ... kept

@@ -86,3 +86,30 @@ def test_sigkill_then_resume(tmp_path):
             assert "taalm.resumed_from_epoch" not in t.data.tags
         else:  # interrupted: continued from its last Ray Train checkpoint, not from scratch
             assert int(t.data.tags["taalm.resumed_from_epoch"]) >= killed_after_epoch
+
+
+def test_epochs_the_killed_driver_never_logged_are_filled_in(tmp_path):
+    """The race the SIGKILL can hit: Ray Train registered epoch 2's checkpoint, but the driver died before
+    its MLflow callback logged epoch 2. The resumed attempt continues at epoch 3 and sends the restored
+    curves once; the callback logs exactly the missing epochs (no duplicates of 0 and 1)."""
+    from types import SimpleNamespace
+
+    from orchestrator.tracking import MlflowTrials, Study, default_tracking_uri
+
+    study = Study(default_tracking_uri(tmp_path), "race", tmp_path)
+    info = {"k1": {"run_name": "Finetune seed 0", "role": "trial", "params": {}, "config": {}, "tags": {}}}
+    trial = SimpleNamespace(config={"t": {"trial_key": "k1"}}, trial_id="t1", last_result={}, error_file=None)
+    cb = MlflowTrials(study, info)
+    acc = [0.0, 0.25, 0.5, 0.75]
+    for epoch in (0, 1):  # logged before the kill
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "to_learn_acc": acc[epoch], "start_epoch": 0})
+    # a new driver (taalm resume) and the resumed attempt's first result
+    cb = MlflowTrials(Study(study.uri, "race", tmp_path), info)
+    history = {"to_learn_acc": acc[:3], "train_loss": [None, 2.0, 1.5]}
+    cb.on_trial_result(0, [], trial, {"epoch": 3, "to_learn_acc": acc[3], "train_loss": 1.0, "start_epoch": 3,
+                                      "restored_history": history})
+    rid = cb.run_ids["k1"]
+    hist = study.client.get_metric_history(rid, "to_learn_acc")
+    assert sorted((m.step, m.value) for m in hist) == list(enumerate(acc))
+    assert sorted(m.step for m in study.client.get_metric_history(rid, "train_loss")) == [2, 3]
+    assert study.client.get_run(rid).data.tags["taalm.resumed_from_epoch"] == "2"

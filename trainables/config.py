@@ -246,6 +246,18 @@ def load_yaml(path: str | Path) -> tuple[dict, dict]:
     return data, lines
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> dotted keys ({"train": {"lr": 1}} -> {"train.lr": 1}); lists stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> set[tuple]:
     """Apply ``dotted.key=value`` overrides in place; values are parsed as YAML scalars/lists."""
     touched: set[tuple] = set()

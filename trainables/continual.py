@@ -306,7 +306,9 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
             "replay_pool": setup.replay.description if setup.replay is not None else None,
             "seekr_heads": getattr(setup.replay, "heads", None),
             "n_trainable_params": sum(p.numel() for p in setup.trainable.values()),
-            "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch}
+            "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch,
+            # the curves up to the checkpoint this run resumed from (None for a fresh run)
+            "restored_history": {k: list(v) for k, v in history.items()} if start_epoch else None}
     for cb in callbacks:
         cb.on_run_start(info)
 
