@@ -25,8 +25,7 @@ def _setup_threads(config: dict) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _restore_into(out: Path, name: str) -> bool:
-    """Copy the latest Ray Train checkpoint's NAME/ into OUT; whether there was one."""
+def _restore_into(out: Path, name: str) -> None:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -35,8 +34,6 @@ def _restore_into(out: Path, name: str) -> bool:
             src = Path(d) / name
             if src.is_dir():
                 shutil.copytree(src, out / name, dirs_exist_ok=True)
-                return True
-    return False
 
 
 FAULT_ENV = "TAALM_INJECT_FAULT"
@@ -74,24 +71,24 @@ def continual_worker(config: dict) -> None:
     cfg = RunConfig.model_validate(config["run"])
     rank = ray.train.get_context().get_world_rank()
     out = Path(tempfile.mkdtemp(prefix=f"taalm-trial-r{rank}-"))
-    restored = _restore_into(out, "checkpoint")
+    _restore_into(out, "checkpoint")
 
     budget = config["resources"].get("time_budget_s")
-    fault = None if restored else config.get("inject_fault")  # only a first attempt crashes
+    fault = config.get("inject_fault")
     started = time.monotonic()
 
     class Report(Callback):
         start_epoch = 0
-        restored = None
+        restored_history = None
 
         def on_run_start(self, info):
             self.start_epoch = info["start_epoch"]  # > 0 when this attempt resumed from a checkpoint
-            self.restored = info.get("restored_history")
+            self.restored_history = info["restored_history"]
 
         def on_step(self, epoch, step, n_steps, loss):
             if budget is not None and time.monotonic() - started > budget:
                 raise TimeoutError(f"trial exceeded its time budget of {budget} s (resources.time_budget_s)")
-            if fault is not None and epoch == fault + 1:
+            if fault is not None and self.start_epoch == 0 and epoch == fault + 1:  # a first attempt only
                 raise RuntimeError(f"injected fault after epoch {fault} ({FAULT_ENV})")
 
         def on_epoch_end(self, r):
@@ -99,10 +96,10 @@ def continual_worker(config: dict) -> None:
             metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
             metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which Ray node ran rank 0
             metrics["start_epoch"] = self.start_epoch
-            if self.restored is not None:
+            if self.restored_history is not None:
                 # once per resumed attempt: the epochs before the checkpoint, in case the driver was killed
                 # before it logged them (the tracking callback fills in only what it is missing)
-                metrics["restored_history"], self.restored = self.restored, None
+                metrics["restored_history"], self.restored_history = self.restored_history, None
             if r.checkpoint_dir:
                 # the checkpoint directory holds "checkpoint/" so a restore lands where the loop looks
                 with tempfile.TemporaryDirectory() as staging:
