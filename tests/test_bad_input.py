@@ -118,9 +118,9 @@ def study_dir(study_json: Optional[str]):
 class Case:
     id: str
     category: str
-    argv: list[str]  # {T}: the case's working directory, {R}: the repository root
-    fragments: list[str]  # all must appear in the message ({T} and {R} substituted)
-    files: dict[str, str] = field(default_factory=dict)  # relative path -> text ({R} substituted)
+    argv: list[str]  # {T}: the case's working directory
+    fragments: list[str]  # all must appear in the message ({T} substituted)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> text ({T} substituted)
     prep: Optional[Callable[[Path], None]] = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -376,7 +376,7 @@ def test_bad_input(case: Case, tmp_path, capsys, monkeypatch):
     import ray
 
     def sub(s: str) -> str:
-        return s.replace("{T}", str(tmp_path)).replace("{R}", str(ROOT))
+        return s.replace("{T}", str(tmp_path))
 
     for rel, text in case.files.items():
         (tmp_path / rel).write_text(sub(text))
