@@ -196,6 +196,9 @@ CASES = [
          prep=study_dir("{not json")),
     Case("resume: study.json not JSON", "wrong type", ["resume", "{T}/study"], ["{T}/study/study.json:1"],
          prep=study_dir("{not json")),
+    Case("ablate: fault injection epoch not a number", "wrong type",
+         ["ablate", str(SMOKE), "--out", "{T}/studies"], ["TAALM_INJECT_FAULT=one", "expected EPOCH"],
+         env={"TAALM_INJECT_FAULT": "one"}),
     # --- out-of-range values -------------------------------------------------------------------------------
     Case("run: negative epochs", "out of range", RUN,
          [f"cfg.yaml:{line_of(RUN_TEXT, '  epochs:')} (train.epochs)", "greater than or equal to 0"],
@@ -347,7 +350,7 @@ CASES = [
          ["weighting.train_attention.phi"]),
 ]
 
-N_CASES = 90
+N_CASES = 91
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint"}
 
