@@ -84,18 +84,23 @@ def meta_train_cmd(
     cfg = load_config(config, set_, schema=MetaConfig)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as prog:
-        t = prog.add_task("meta-training", total=cfg.meta.steps)
+        t = prog.add_task("meta-training", total=None)
 
         def on_step(ev):
             if "step" in ev:
-                prog.update(t, completed=ev["step"], description=f"meta-step objective {ev['objective']:.4f}")
+                prog.update(t, completed=ev["step"], total=ev.get("n_steps"),
+                            description=f"meta-step objective {ev['objective']:.4f}")
             else:
                 v = ev["validation"]
-                console.print(f"step {v['step']:>4}: validation acc {v['val_acc']:.4f}  "
-                              f"object/other weight {v['object_weight']:.3f}/{v['other_weight']:.3f}")
+                console.print(f"step {v['step']:>4}: validation acc {v['val_acc']:.4f}  weight on object tokens "
+                              f"{v['object_weight_share']:.1%} (uniform {v['uniform_share']:.1%}, oracle 100%)")
 
         m = meta_train(cfg, out_dir=out, on_step=on_step)
     f = m["objective_fixed_set"]
+    h = m.get("held_out_focus")
+    if h:
+        console.print(f"on {h['n_docs']} TO-LEARN documents (outside φ's pool): {h['object_weight_share']:.1%} of "
+                      f"the weight on object tokens (uniform {h['uniform_share']:.1%}, oracle 100%)")
     console.print(f"[bold green]done[/] best validation acc {m['best_val_acc']:.4f} at step {m['best_step']}; "
                   f"objective on a fixed set {f['before']:.4f} -> {f['after']:.4f}; {m['wall_seconds']:.1f}s "
                   f"-> {out / 'phi'}")

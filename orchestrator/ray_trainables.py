@@ -148,7 +148,8 @@ def meta_worker(config: dict) -> None:
         if "validation" in ev:
             v = ev["validation"]
             ray.train.report({"step": v["step"], "val_acc": v["val_acc"],
-                              "object_weight_ratio": v["object_weight_ratio"]})
+                              "object_weight_ratio": v["object_weight_ratio"],
+                              "object_weight_share": v["object_weight_share"], "uniform_share": v["uniform_share"]})
 
     meta_train(cfg, out_dir=out, on_step=on_step)
 

@@ -142,7 +142,8 @@ class MlflowTrials(tune.Callback):
 
         if step in self.logged[key]:
             return
-        names = CURVES if self.info[key]["role"] == "trial" else ("val_acc", "object_weight_ratio")
+        names = CURVES if self.info[key]["role"] == "trial" else ("val_acc", "object_weight_ratio",
+                                                                    "object_weight_share", "uniform_share")
         now = int(time.time() * 1000)
         metrics = []
         for name in names:

@@ -9,7 +9,8 @@ import torch
 from trainables.config import ModelConfig, ParamsConfig, load_config
 from trainables.data import load_lama
 from trainables.errors import InputError
-from trainables.meta import Inner, MetaConfig, MetaOptions, make_example, meta_gradient, meta_train
+from trainables.meta import (Inner, MetaConfig, MetaOptions, epoch_order, make_example, meta_gradient, meta_steps,
+                             meta_train, weight_focus)
 from trainables.models import apply_params, load_base_model, trainable_parameters
 from trainables.train_attention import PhiConfig, build_phi, load_phi, phi_trainable
 
@@ -37,7 +38,8 @@ def f64_setup(tokenizer, f64_model):
     theta0 = {k: v.detach().clone() for k, v in trainable_parameters(theta).items()}
     for p in theta.parameters():
         p.requires_grad_(False)
-    phi = build_phi(PhiConfig(params={"kind": "full"}, head_weight_std=0.3, head_bias_init=0.0), F64_TINY,
+    phi = build_phi(PhiConfig(params={"kind": "full"}, head_init="normal", head_weight_std=0.3,
+                                head_bias_init=0.0), F64_TINY,
                     tokenizer, seed=1)
     lama = load_lama()
     facts = sorted(lama.facts["variant"], key=lambda f: len(f.evidence))[:2]
@@ -137,6 +139,62 @@ def test_phi_checkpoint_roundtrip_and_errors(meta_run, tokenizer, tmp_path):
         load_phi(bad, tokenizer)
     with pytest.raises(InputError, match="not a Train-Attention checkpoint"):
         load_phi(tmp_path / "nowhere", tokenizer)
+    # a φ of the old alignment (output at t weighting the prediction of x_{t+1}) is refused, saying why
+    (bad / "phi.json").write_text(json.dumps(dict(meta_json, format="taalm-train-attention/1")))
+    with pytest.raises(InputError, match=r"old weight alignment.*retrain"):
+        load_phi(bad, tokenizer)
+    assert meta_json["alignment"] == "output[t+1] weights the prediction of x[t+1]"
+
+
+def test_phi_weight_of_predicting_a_token_is_its_output_at_that_token(tokenizer):
+    """ALGORITHM.md §2: the weight of the loss term predicting x_{t+1} is φ's output at t+1 (the release's
+    alignment): changing x_{t+1} changes it, changing x_{t+2} does not; a causal body, so no later token can."""
+    phi = build_phi(PhiConfig(params={"kind": "full"}, head_bias_init=0.0), ModelConfig(name="tiny"), tokenizer)
+    phi.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (1, 12), generator=g)
+    mask = torch.ones_like(ids)
+    t = 5  # the loss term predicting x_{t+1}
+    with torch.no_grad():
+        w = phi.weights(ids, mask)
+        next_changed = ids.clone()
+        next_changed[0, t + 1] = ids[0, t + 1] + 7
+        w_next = phi.weights(next_changed, mask)
+        after_changed = ids.clone()
+        after_changed[0, t + 2] = ids[0, t + 2] + 7
+        w_after = phi.weights(after_changed, mask)
+    assert w.shape == (1, 11)
+    assert (w_next[0, t] - w[0, t]).abs() > 1e-6  # φ has read x_{t+1} before weighting its prediction
+    assert torch.equal(w_next[0, :t], w[0, :t])  # earlier terms do not see x_{t+1}
+    assert torch.equal(w_after[0, :t + 1], w[0, :t + 1])  # x_{t+2} cannot change the weight of predicting x_{t+1}
+    assert (w_after[0, t + 1] - w[0, t + 1]).abs() > 1e-6
+
+
+def test_weight_focus_reports_the_object_share_beside_uniform(tokenizer):
+    from trainables.encode import EncodedDoc
+
+    phi = build_phi(PhiConfig(params={"kind": "full"}, head_init="normal", head_weight_std=0.0),
+                    ModelConfig(name="tiny"), tokenizer)  # zero head weight: every weight is sigmoid(bias)
+    docs = [EncodedDoc([5, 6, 7, 8, 9], [0, 0, 1, 1, 0]), EncodedDoc([5, 6, 7], [0, 0, 1])]
+    f = weight_focus(phi, docs, tokenizer.pad_token_id, "cpu")
+    # predicted positions: 4 + 2 = 6, of which 3 predict object tokens
+    assert f["uniform_share"] == pytest.approx(0.5) and f["object_weight_share"] == pytest.approx(0.5)
+    assert f["oracle_share"] == 1.0 and f["n_object_terms"] == 3 and f["object_weight_ratio"] == pytest.approx(1.0)
+    with torch.no_grad():
+        phi.head.weight.normal_(0, 1.0)
+    assert weight_focus(phi, docs, tokenizer.pad_token_id, "cpu")["object_weight_share"] != pytest.approx(0.5)
+
+
+def test_meta_training_goes_by_epochs_over_the_pool():
+    assert meta_steps(MetaOptions(steps=7), 100) == 7
+    assert meta_steps(MetaOptions(steps=7, epochs=2, batch_size=16), 100) == 14  # 2 × ceil(100 / 16)
+    import random
+
+    batches = epoch_order(10, 4, random.Random(0))
+    first_pass = [next(batches) for _ in range(3)]
+    assert [len(b) for b in first_pass] == [4, 4, 2] and sorted(sum(first_pass, [])) == list(range(10))
+    second_pass = sum([next(batches) for _ in range(3)], [])
+    assert sorted(second_pass) == list(range(10)) and second_pass != sum(first_pass, [])
 
 
 def test_taalm_continual_run_uses_phi(meta_run, tiny_cfg):

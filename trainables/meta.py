@@ -31,10 +31,10 @@ from .checkpoint import write_json_atomic
 from .config import DataConfig, ModelConfig, ParamsConfig, _Strict, config_to_dict
 from .continual import resolve_device, seed_everything
 from .data import Fact, load_lama
-from .encode import EncodedDoc, collate, encode_document
+from .encode import EncodedDoc, collate, encode_document, encode_documents
 from .errors import InputError
 from .functional_optim import INNER_OPTIMIZERS, detach_state
-from .loss import token_nll, weighted_loss
+from .loss import prediction_mask, token_nll, weighted_loss
 from .metrics import EncodedProbe, encode_probe, mean, probe_scores
 from .models import apply_params, load_base_model, load_tokenizer, trainable_parameters
 from .tailor import build_split
@@ -43,6 +43,10 @@ from .train_attention import PhiConfig, TrainAttention, build_phi, phi_trainable
 
 class MetaOptions(_Strict):
     steps: int = Field(100, ge=0)
+    # passes over the Train-Attention pool (as the release trains); when set, it decides the number of
+    # steps: epochs × ceil(n_train / batch_size). Either way examples are drawn epoch by epoch, each
+    # example once per pass, in a seeded order.
+    epochs: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)  # meta-batch: examples whose φ-gradients are averaged
     lr: float = Field(2e-4, gt=0)  # AdamW on φ
     weight_decay: float = Field(0.0, ge=0)
@@ -212,33 +216,49 @@ class _FunctionalLM(torch.nn.Module):
                                kwargs={"input_ids": input_ids, "attention_mask": attention_mask})
 
 
+@torch.no_grad()
+def weight_focus(phi: TrainAttention, docs: Sequence[EncodedDoc], pad_id: int, device, batch_size: int = 8) -> dict:
+    """Where φ puts its weight on documents: the share of the total weight that lands on the loss terms
+    predicting object tokens (``object_weight_share``), beside what uniform weights give (the object
+    tokens' share of the predicted positions) and the oracle (1.0); mean weights and their ratio."""
+    sums = torch.zeros(4, dtype=torch.float64)  # Σw on object terms, Σw on all, object terms, all terms
+    for i in range(0, len(docs), batch_size):
+        b = {k: v.to(device) for k, v in collate(docs[i:i + batch_size], pad_id).items()}
+        w = phi.weights(b["input_ids"], b["attention_mask"]).double()
+        real = prediction_mask(b["attention_mask"]).bool()
+        is_obj = b["object_mask"][:, 1:].bool() & real
+        sums += torch.stack([w[is_obj].sum(), w[real].sum(), is_obj.sum().double(), real.sum().double()]).cpu()
+    w_obj, w_all, n_obj, n_all = sums.tolist()
+    n_other = n_all - n_obj
+    obj_mean = w_obj / n_obj if n_obj else float("nan")
+    other_mean = (w_all - w_obj) / n_other if n_other else float("nan")
+    return {"object_weight_share": w_obj / w_all if w_all > 0 else float("nan"),
+            "uniform_share": n_obj / n_all if n_all else float("nan"), "oracle_share": 1.0,
+            "object_weight": obj_mean, "other_weight": other_mean,
+            "object_weight_ratio": obj_mean / other_mean if other_mean and other_mean > 0 else float("nan"),
+            "n_docs": len(docs), "n_object_terms": int(n_obj)}
+
+
 def validate_phi(inner: Inner, phi: TrainAttention, examples: Sequence[MetaExample], tokenizer, device) -> dict:
     """θ_0 trained on the held-out evidence with φ's weights for val_dummy_loop + 1 epochs, then probe
-    accuracy; also the mean weight on object tokens vs the rest of the documents."""
+    accuracy; and where φ puts its weight on those documents (:func:`weight_focus`)."""
     o = inner.opts
     docs = [EncodedDoc(ex.doc["input_ids"][0].tolist(), ex.doc["object_mask"][0].tolist()) for ex in examples]
+    focus = weight_focus(phi, docs, tokenizer.pad_token_id, device, o.val_batch_size)
     params = {k: v.detach().clone() for k, v in inner.theta0.items()}
     state = inner.optimizer.init(params)
-    obj_w, other_w = [], []
     for epoch in range(o.val_dummy_loop + 1):
         for i in range(0, len(docs), o.val_batch_size):
             b = {k: v.to(device) for k, v in collate(docs[i:i + o.val_batch_size], tokenizer.pad_token_id).items()}
             with torch.no_grad():
                 w = phi.weights(b["input_ids"], b["attention_mask"])
-            if epoch == 0:
-                real = b["attention_mask"][:, 1:].bool() & b["attention_mask"][:, :-1].bool()
-                is_obj = b["object_mask"][:, 1:].bool() & real
-                obj_w += w[is_obj].tolist()
-                other_w += w[real & ~is_obj].tolist()
             p = {k: v.requires_grad_(True) for k, v in params.items()}
             g = inner._grads(inner.doc_loss(p, b, w.to(next(iter(p.values())).dtype)), p, create_graph=False)
             with torch.no_grad():
                 params, state = inner.optimizer.step({k: v.detach() for k, v in p.items()}, g, state)
     scores = probe_scores(_FunctionalLM(inner.model, params), [ex.probe for ex in examples],
                           tokenizer.pad_token_id, 32, device)
-    ratio = mean(obj_w) / mean(other_w) if other_w and mean(other_w) > 0 else float("nan")
-    return {"val_acc": mean([a for a, _ in scores]), "val_em": mean([e for _, e in scores]),
-            "object_weight": mean(obj_w), "other_weight": mean(other_w), "object_weight_ratio": ratio}
+    return {"val_acc": mean([a for a, _ in scores]), "val_em": mean([e for _, e in scores]), **focus}
 
 
 def heatmap_html(phi: TrainAttention, tokenizer, examples: Sequence[MetaExample], title: str) -> str:
@@ -300,6 +320,21 @@ def prepare_meta(cfg: MetaConfig, progress=None):
             "data_hash": lama_hash}
 
 
+def meta_steps(opts: MetaOptions, n_train: int) -> int:
+    """The number of meta-steps: ``epochs`` passes over the pool when given, else ``steps``."""
+    return opts.epochs * -(-n_train // opts.batch_size) if opts.epochs else opts.steps
+
+
+def epoch_order(n: int, batch_size: int, rng: random.Random):
+    """Endless meta-batches of example indices: each pass over the pool is a fresh seeded permutation,
+    cut into batches (the last one of a pass may be smaller)."""
+    while True:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        for i in range(0, n, batch_size):
+            yield perm[i:i + batch_size]
+
+
 def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
                on_step: Optional[Callable[[dict], None]] = None) -> dict:
     """Train φ; write OUT/phi/ (best φ by validation accuracy), OUT/meta_metrics.json, OUT/heatmap.html."""
@@ -331,10 +366,12 @@ def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
 
     fixed = s["train"][:min(8, len(s["train"]))]  # a fixed set: the objective before and after training
     objective_before = meta_gradient(inner, phi, fixed)[0]
+    n_steps = meta_steps(cfg.meta, len(s["train"]))
+    batches = epoch_order(len(s["train"]), cfg.meta.batch_size, rng)
     check(0)
-    for step in range(1, cfg.meta.steps + 1):
+    for step in range(1, n_steps + 1):
         ts = time.perf_counter()
-        batch = rng.sample(s["train"], min(cfg.meta.batch_size, len(s["train"])))
+        batch = [s["train"][i] for i in next(batches)]
         unrelated = [rng.choice(s["train"]) for _ in batch] if cfg.meta.restrict_unrelated else []
         obj, grads = meta_gradient(inner, phi, batch, unrelated)
         for k, p in phi_trainable(phi).items():
@@ -345,8 +382,8 @@ def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
         history["objective"].append(obj)
         history["seconds"].append(time.perf_counter() - ts)
         if on_step:
-            on_step({"step": step, "objective": obj})
-        if step % cfg.meta.val_every == 0 or step == cfg.meta.steps:
+            on_step({"step": step, "n_steps": n_steps, "objective": obj})
+        if step % cfg.meta.val_every == 0 or step == n_steps:
             check(step)
 
     metrics = {"objective": history["objective"], "step_seconds": history["seconds"], "validation": checks,
@@ -354,12 +391,21 @@ def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
                                        "n_examples": len(fixed)},
                "best_step": best["step"], "best_val_acc": best["val_acc"],
                "wall_seconds": time.perf_counter() - t0, "n_train_examples": len(s["train"]),
-               "n_val_examples": len(s["val"]), "data_hash": s["data_hash"], "config": config_to_dict(cfg)}
+               "n_val_examples": len(s["val"]), "n_steps": n_steps, "data_hash": s["data_hash"],
+               "config": config_to_dict(cfg)}
+    best_phi = phi
     if out is not None:
-        write_json_atomic(out / "meta_metrics.json", metrics)
         from .train_attention import load_phi
 
         best_phi, _ = load_phi(out / "phi", tokenizer, device)
+    if s["split"] is not None and s["split"].to_learn:
+        # facts outside φ's pool: the TO-LEARN evidence a continual run will train on
+        docs = encode_documents(tokenizer, s["split"].to_learn, cfg.meta.max_length)
+        metrics["held_out_focus"] = {"documents": "TO-LEARN evidence (outside the Train-Attention pool)",
+                                     "phi_step": best["step"],
+                                     **weight_focus(best_phi, docs, tokenizer.pad_token_id, device)}
+    if out is not None:
+        write_json_atomic(out / "meta_metrics.json", metrics)
         (out / "heatmap.html").write_text(heatmap_html(best_phi, tokenizer, s["val"],
                                                        f"Train-Attention weights (best step {best['step']})"))
     return metrics

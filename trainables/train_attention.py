@@ -1,6 +1,7 @@
 """Train-Attention φ: a causal-LM body sharing θ's tokenizer, with its LM head replaced by a
-hidden -> 1 linear "TA head". w = sigmoid(head output); the output at position t weights the
-prediction of x_{t+1} (ALGORITHM.md §2, §4).
+hidden -> 1 linear "TA head". w = sigmoid(head output); the output at position t+1 (where φ has
+seen x_{t+1}) weights the loss term predicting x_{t+1}, as the authors' release does
+(``phi(D).logits.squeeze(-1)[:, 1:]`` against the losses of ``logits[:, :-1]``; ALGORITHM.md §2, §4, §7).
 
 The body is configurable: the same preset as θ, another model with the same tokenizer, or the first k
 layers of either; LoRA (peft) or full. A φ checkpoint is a directory with ``phi.safetensors`` (the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -26,7 +27,11 @@ from .errors import InputError
 from .loss import prediction_mask
 from .models import load_base_model
 
-FORMAT = "taalm-train-attention/1"
+FORMAT = "taalm-train-attention/2"
+# the weight of the loss term l_t (predicting x_{t+1}) is φ's output at position t+1
+ALIGNMENT = "output[t+1] weights the prediction of x[t+1]"
+# checkpoints of format /1 used φ's output at t (before it had seen x_{t+1}): refused on load
+OLD_FORMATS = {"taalm-train-attention/1": "output[t] weighted the prediction of x[t+1]"}
 
 
 class PhiConfig(_Strict):
@@ -34,17 +39,22 @@ class PhiConfig(_Strict):
     num_layers: Optional[int] = Field(None, ge=1)  # keep only the first k layers of the body
     params: ParamsConfig = ParamsConfig(kind="lora", r=8, alpha=16, dropout=0.0)
     head_bias_init: float = 4.0  # sigmoid(4) ≈ 0.98: weights start near 1
-    head_weight_std: float = Field(1e-3, ge=0.0)
+    # "default": PyTorch's nn.Linear initialisation (what the release ends up with); "normal": N(0, head_weight_std)
+    head_init: Literal["default", "normal"] = "default"
+    head_weight_std: float = Field(1e-3, ge=0.0)  # only for head_init: normal
 
 
 class TrainAttention(torch.nn.Module):
-    def __init__(self, body: torch.nn.Module, hidden_size: int, bias_init: float = 4.0, weight_std: float = 1e-3,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, body: torch.nn.Module, hidden_size: int, bias_init: float = 4.0,
+                 weight_std: Optional[float] = None, dtype: torch.dtype = torch.float32):
+        """``weight_std`` None keeps nn.Linear's default initialisation of the head weight (the release's
+        effective choice: a 1e-3 head starves φ's body of gradient); a number draws N(0, weight_std)."""
         super().__init__()
         self.body = body
         self.head = torch.nn.Linear(hidden_size, 1, dtype=dtype)
         with torch.no_grad():
-            self.head.weight.normal_(0.0, weight_std) if weight_std > 0 else self.head.weight.zero_()
+            if weight_std is not None:
+                self.head.weight.normal_(0.0, weight_std) if weight_std > 0 else self.head.weight.zero_()
             self.head.bias.fill_(bias_init)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -53,8 +63,9 @@ class TrainAttention(torch.nn.Module):
         return self.head(hidden).squeeze(-1)
 
     def weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T-1] weights: sigmoid of the output at t weights the prediction of x_{t+1}; 0 on padding."""
-        w = torch.sigmoid(self(input_ids, attention_mask))[:, :-1]
+        """[B, T-1] weights: entry t (the loss term predicting x_{t+1}) is sigmoid of φ's output at
+        position t+1, i.e. after φ has read x_{t+1}; 0 on padding."""
+        w = torch.sigmoid(self(input_ids, attention_mask))[:, 1:]
         return w * prediction_mask(attention_mask).to(w.dtype)
 
 
@@ -93,7 +104,8 @@ def build_phi(phi_cfg: PhiConfig, theta_model: ModelConfig, tokenizer, seed: int
         else:
             raise InputError("phi.params.kind", "Train-Attention supports lora or full")
         dtype = next(full.parameters()).dtype
-        phi = TrainAttention(body, full.config.hidden_size, phi_cfg.head_bias_init, phi_cfg.head_weight_std, dtype)
+        std = phi_cfg.head_weight_std if phi_cfg.head_init == "normal" else None
+        phi = TrainAttention(body, full.config.hidden_size, phi_cfg.head_bias_init, std, dtype)
     finally:
         torch.random.set_rng_state(gen_state)
     return phi
@@ -109,7 +121,7 @@ def save_phi(directory: Path, phi: TrainAttention, phi_cfg: PhiConfig, theta_mod
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in phi_trainable(phi).items()},
                   str(tmp / "phi.safetensors"))
         write_json_atomic(tmp / "phi.json", {
-            "format": FORMAT, "phi": phi_cfg.model_dump(mode="json"),
+            "format": FORMAT, "alignment": ALIGNMENT, "phi": phi_cfg.model_dump(mode="json"),
             "theta_model": theta_model.model_dump(mode="json"), "tokenizer_hash": tokenizer_hash(tokenizer),
             **extra})
 
@@ -124,6 +136,11 @@ def load_phi(directory: str | Path, tokenizer, device="cpu", where: str = "weigh
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{meta_path}:{e.lineno}", f"corrupt Train-Attention metadata: {e.msg}") from None
+    if isinstance(meta, dict) and meta.get("format") in OLD_FORMATS:
+        raise InputError(str(meta_path), f"φ was trained with an old weight alignment "
+                                         f"({OLD_FORMATS[meta['format']]}; format {meta['format']!r}); this version "
+                                         f"uses {ALIGNMENT}: retrain it with `taalm meta-train` (a study's cached "
+                                         f"φ: `taalm ablate ... --retrain-phi`)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise InputError(str(meta_path), f"unknown format {found!r} (expected {FORMAT!r})")
