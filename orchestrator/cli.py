@@ -110,7 +110,7 @@ def _report_study(r: dict) -> None:
     """Build the study's report from MLflow, print the table and where everything is."""
     from orchestrator.report import write_report
 
-    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report")
+    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report", r.get("reference"))
     print(rep["markdown"])
     console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
                   f"`taalm ui {r['study_dir']}` to browse", highlight=False, soft_wrap=True)
@@ -125,6 +125,8 @@ def ablate(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                help="MLflow tracking URI (default: sqlite in the study dir)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    retrain_phi: bool = typer.Option(False, "--retrain-phi",
+                                     help="Meta-train φ anew (ignore the φ cache and the φ shipped in ablations/phi/)."),
 ):
     """Run an ablation grid: every trial a Ray Train run under Ray Tune, tracked in MLflow; then the table."""
     from orchestrator.grid import load_grid
@@ -135,7 +137,8 @@ def ablate(
     from orchestrator.progress import TuneProgress
     from orchestrator.study import run_ablation
 
-    _report_study(run_ablation(grid, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus))
+    _report_study(run_ablation(grid, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus,
+                                retrain_phi=retrain_phi))
 
 
 @app.command()
@@ -188,13 +191,18 @@ def report(
     """Build the table (Markdown, CSV, Parquet), curves and Pareto plot of a study from MLflow."""
     from orchestrator.report import study_tracking, write_report
 
+    reference = None
     if tracking_uri and experiment:
         uri, name = tracking_uri, experiment
     else:
         uri, name = study_tracking(study)
-    rep = write_report(uri, name, study / "report")
+        from orchestrator.report import read_study
+
+        reference = read_study(study).get("reference")
+    rep = write_report(uri, name, study / "report", reference)
     print(rep["markdown"])
-    console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, curves.png, pareto.png)",
+    console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, paired.csv, curves.png, "
+                  f"pareto.png)",
                   highlight=False, soft_wrap=True)
 
 

@@ -69,6 +69,9 @@ class GridSpec(BaseModel):
     labels: dict[str, dict[str, str]] = {}
     meta: Optional[MetaStage] = None
     resources: Resources = Resources()
+    # the row the report's paired differences are taken against (a method label; default "Finetune"
+    # when there is one, else the first method)
+    reference: Optional[str] = None
 
     @field_validator("axes")
     @classmethod
@@ -207,6 +210,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
             needs_phi = "train_attention" in scheme_names(cfg.weighting.scheme)
             settings = {k: v for k, v in combo.items() if k != LABEL}
             trials.append(Trial(trial_key(combo, seed), _label(spec, combo), seed, settings, cfg, needs_phi))
+    labels = list(dict.fromkeys(t.label for t in trials))
+    if spec.reference is not None and spec.reference not in labels:
+        raise InputError(f"{path}:{lines.get(('reference',), 1)} (reference)",
+                         f"{spec.reference!r} is not a method of this grid (methods: {', '.join(labels)})")
     meta_cfg = None
     if spec.meta is not None or any(t.needs_phi and not t.config.weighting.train_attention.phi for t in trials):
         if spec.meta is None:

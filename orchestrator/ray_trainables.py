@@ -84,6 +84,7 @@ def continual_worker(config: dict) -> None:
         def on_run_start(self, info):
             self.start_epoch = info["start_epoch"]  # > 0 when this attempt resumed from a checkpoint
             self.restored_history = info["restored_history"]
+            self.uuids = {"to_learn": info["to_learn_uuids"], "ntf": info["ntf_uuids"]}
 
         def on_step(self, epoch, step, n_steps, loss):
             if budget is not None and time.monotonic() - started > budget:
@@ -96,6 +97,9 @@ def continual_worker(config: dict) -> None:
             metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
             metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which Ray node ran rank 0
             metrics["start_epoch"] = self.start_epoch
+            # every fact's accuracy this epoch (the report's paired comparisons); the facts once per attempt
+            metrics["per_fact"] = dict(r.per_fact, **({"uuids": self.uuids} if self.uuids else {}))
+            self.uuids = None
             if self.restored_history is not None:
                 # once per resumed attempt: the epochs before the checkpoint, in case the driver was killed
                 # before it logged them (the tracking callback fills in only what it is missing)

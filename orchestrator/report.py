@@ -35,8 +35,128 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
         for name in ("to_learn_acc", "ntf_acc", "changed_ppl", "unchanged_ppl"):
             curves[name] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, name)}
         row["curves"] = curves
+        row["per_fact"] = _per_fact(client, r.info.run_id) if r.info.status == "FINISHED" else None
         rows.append(row)
     return sorted(rows, key=lambda r: (r["order"], r["start"]))  # grid order, then start time
+
+
+def _per_fact(client, run_id: str) -> dict | None:
+    """The trial's per_fact.json artifact (every fact's accuracy per epoch), or None (older runs,
+    TemporalWiki trials)."""
+    import json
+    import tempfile
+
+    try:
+        names = {a.path for a in client.list_artifacts(run_id)}
+        if "per_fact.json" not in names:
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            return json.loads(Path(client.download_artifacts(run_id, "per_fact.json", d)).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _summary_arrays(pf: dict) -> tuple[list[str], list[str], "np.ndarray", "np.ndarray"]:
+    """(TO-LEARN uuids, NTF uuids, [epochs, facts] TO-LEARN accuracies, [epochs, facts] NTF accuracies),
+    training epochs only (epoch 0 dropped, as Top Acc is taken over epochs 1..N when any was trained)."""
+    import numpy as np
+
+    epochs = pf["epochs"]
+    keep = [i for i, e in enumerate(epochs) if e >= 1] or list(range(len(epochs)))
+    tl = np.array([pf["to_learn"][i] for i in keep], dtype=float)
+    nf = np.array([pf["ntf"][i] for i in keep], dtype=float)
+    return pf["to_learn_uuids"], pf["ntf_uuids"], tl, nf
+
+
+def _boot_summary(tl: "np.ndarray", nf: "np.ndarray", w_tl: "np.ndarray", w_nf: "np.ndarray"):
+    """Top Acc and Total Knowledge of one trial under B resampling weights of its facts: ``w_tl`` [B, facts]
+    and ``w_nf`` [B, ntf facts] (rows sum to 1). Top Acc = max over epochs of the weighted mean; NF Acc
+    at the first epoch reaching it."""
+    import numpy as np
+
+    curves = w_tl @ tl.T  # [B, epochs]
+    top_epoch = curves.argmax(axis=1)
+    top = curves[np.arange(len(curves)), top_epoch]
+    nf_at = (w_nf @ nf.T)[np.arange(len(curves)), top_epoch]
+    return top, top + nf_at
+
+
+def paired_differences(rows: list[dict], reference: str | None = None, n_boot: int = 2000,
+                       seed: int = 0) -> list[dict]:
+    """Each method against the reference row (default: "Finetune" if present, else the first method):
+    the mean over seeds of the difference in Top Acc and Total Knowledge, with a paired bootstrap 95 %
+    interval. Every replicate resamples seeds (with replacement, when there are several) and, within a
+    seed, the TO-LEARN and NOT-TO-FORGET facts, the SAME facts for both methods (they share the split),
+    and recomputes each method's Top Acc (max over epochs), its epoch and NF Acc there."""
+    import numpy as np
+
+    done = [r for r in rows if r["status"] == "FINISHED" and r.get("per_fact")]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    if not done or not labels:
+        return []
+    if reference is None:
+        reference = "Finetune" if "Finetune" in labels else labels[0]
+    by = {}
+    for r in done:
+        by.setdefault(r["label"], {})[str(r["seed"])] = _summary_arrays(r["per_fact"])
+    if reference not in by:
+        return []
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in labels:
+        if label == reference or label not in by:
+            continue
+        seeds = sorted(set(by[label]) & set(by[reference]))
+        per_seed_point, per_seed_boot, n_facts = [], [], set()
+        for sd in seeds:
+            a, b = by[label][sd], by[reference][sd]
+            if a[0] != b[0] or a[1] != b[1]:
+                continue  # not the same facts: no pairing possible for this seed
+            n_tl, n_nf = len(a[0]), len(a[1])
+            n_facts.add((n_tl, n_nf))
+            w_tl = rng.multinomial(n_tl, np.full(n_tl, 1 / n_tl), size=n_boot) / n_tl
+            w_nf = rng.multinomial(n_nf, np.full(n_nf, 1 / n_nf), size=n_boot) / n_nf if n_nf else None
+            if w_nf is None:
+                continue
+            ones_tl, ones_nf = np.full((1, n_tl), 1 / n_tl), np.full((1, n_nf), 1 / n_nf)
+            pa, pb = _boot_summary(a[2], a[3], ones_tl, ones_nf), _boot_summary(b[2], b[3], ones_tl, ones_nf)
+            ba, bb = _boot_summary(a[2], a[3], w_tl, w_nf), _boot_summary(b[2], b[3], w_tl, w_nf)
+            per_seed_point.append((pa[0][0] - pb[0][0], pa[1][0] - pb[1][0]))
+            per_seed_boot.append((ba[0] - bb[0], ba[1] - bb[1]))
+        if not per_seed_point:
+            continue
+        k = len(per_seed_point)
+        pick = rng.integers(0, k, size=(n_boot, k)) if k > 1 else np.zeros((n_boot, 1), dtype=int)
+        entry = {"method": label, "reference": reference, "seeds": k, "n_boot": n_boot,
+                 "facts": sorted(n_facts)[0] if len(n_facts) == 1 else None}
+        for j, name in enumerate(("top_acc", "total_knowledge")):
+            boot = np.stack([d[j] for d in per_seed_boot], axis=1)  # [B, seeds]
+            means = boot[np.arange(n_boot)[:, None], pick].mean(axis=1)
+            entry[f"d_{name}"] = float(np.mean([p[j] for p in per_seed_point]))
+            entry[f"d_{name}_lo"], entry[f"d_{name}_hi"] = (float(x) for x in np.percentile(means, [2.5, 97.5]))
+        out.append(entry)
+    return out
+
+
+def paired_markdown(diffs: list[dict]) -> str:
+    if not diffs:
+        return ""
+    ref = diffs[0]["reference"]
+    seeds = sorted({d["seeds"] for d in diffs})
+    facts = diffs[0]["facts"]
+    over = "facts and seeds" if max(seeds) > 1 else "facts (one seed: seed-to-seed variation is not in these intervals)"
+    lines = ["", f"Paired differences against {ref} (mean over seeds; 95 % paired bootstrap interval over {over}, "
+                 f"{diffs[0]['n_boot']} replicates" + (f"; {facts[0]} TO-LEARN / {facts[1]} NOT-TO-FORGET facts"
+                                                      if facts else "") + "):", "",
+             f"| method | Δ Top Acc | 95 % interval | Δ Total Knowledge | 95 % interval | seeds | excludes 0 |",
+             "|---|---|---|---|---|---|---|"]
+    for d in diffs:
+        ex = [n for n in ("top_acc", "total_knowledge") if d[f"d_{n}_lo"] > 0 or d[f"d_{n}_hi"] < 0]
+        lines.append(f"| {d['method']} | {d['d_top_acc']:+.4f} | [{d['d_top_acc_lo']:+.4f}, {d['d_top_acc_hi']:+.4f}] "
+                     f"| {d['d_total_knowledge']:+.4f} | [{d['d_total_knowledge_lo']:+.4f}, "
+                     f"{d['d_total_knowledge_hi']:+.4f}] | {d['seeds']} | "
+                     f"{', '.join('Top' if n == 'top_acc' else 'Total' for n in ex) or 'no'} |")
+    return "\n".join(lines)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -96,7 +216,7 @@ def failures(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(tracking_uri: str, experiment: str, out_dir: Path) -> dict:
+def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: str | None = None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,13 +228,17 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path) -> dict:
     rows = collect(tracking_uri, experiment)
     tab = table(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = markdown(tab) + failures(rows)
+    diffs = paired_differences(rows, reference)
+    md = markdown(tab) + paired_markdown(diffs) + failures(rows)
     (out_dir / "table.md").write_text(md + "\n")
     t = pa.Table.from_pylist(tab)
     pacsv.write_csv(t, out_dir / "table.csv")
     pq.write_table(t, out_dir / "table.parquet")
-    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "curves"} for r in rows]),
-                   out_dir / "trials.parquet")
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k not in ("curves", "per_fact")}
+                                         for r in rows]), out_dir / "trials.parquet")
+    if diffs:
+        pacsv.write_csv(pa.Table.from_pylist([{k: v for k, v in d.items() if k != "facts"} for d in diffs]),
+                        out_dir / "paired.csv")
 
     tw = not any(r["curves"].get("to_learn_acc") for r in rows) and any(r["curves"].get("changed_ppl") for r in rows)
     names = ("changed_ppl", "unchanged_ppl") if tw else ("to_learn_acc", "ntf_acc")
@@ -151,7 +275,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path) -> dict:
     fig.tight_layout()
     fig.savefig(out_dir / "pareto.png", dpi=120)
     plt.close(fig)
-    return {"markdown": md, "table": tab, "dir": str(out_dir)}
+    return {"markdown": md, "table": tab, "paired": diffs, "dir": str(out_dir)}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

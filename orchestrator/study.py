@@ -57,6 +57,36 @@ def phi_cache_dir(meta_cfg: dict) -> Path:
     return cache_dir() / "phi" / digest
 
 
+SHIPPED_PHI = Path(__file__).resolve().parents[1] / "ablations" / "phi"
+
+
+def shipped_phi(cfg: dict, data_hash: str) -> Optional[Path]:
+    """A φ shipped with the project (``ablations/phi/*/``) that was meta-trained with exactly this meta
+    config on this data, or None."""
+    for meta_file in sorted(SHIPPED_PHI.glob("*/phi.json")):
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("meta_config") == cfg and meta.get("data_hash") == data_hash:
+            return meta_file.parent
+    return None
+
+
+def _seed_phi_cache(src: Path, d: Path) -> None:
+    """Copy a shipped φ (and its meta_metrics.json, heatmap.html) into the φ cache directory ``d``."""
+    import shutil
+
+    from trainables.checkpoint import atomic_directory
+
+    with atomic_directory(d / "phi") as tmp:
+        for f in ("phi.json", "phi.safetensors"):
+            shutil.copy2(src / f, tmp / f)
+    for f in ("meta_metrics.json", "heatmap.html"):
+        if (src / f).is_file():
+            shutil.copy2(src / f, d / f)
+
+
 def _tune(trial_dicts: list[dict], info: dict, study: Study, name: str, study_dir: Path, spec: GridSpec,
           progress: Optional[Callable] = None, resume: bool = False):
     from ray import tune
@@ -87,8 +117,10 @@ def _tune(trial_dicts: list[dict], info: dict, study: Study, name: str, study_di
 
 
 def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: Study, study_dir: Path,
-                   progress=None, resume: bool = False) -> dict[int, str]:
-    """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice)."""
+                   progress=None, resume: bool = False, retrain: bool = False) -> dict[int, str]:
+    """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice);
+    a φ shipped in ablations/phi/ for exactly that config and data seeds the cache. ``retrain``: train
+    anew, ignoring the cache and the shipped φ."""
     from trainables.data import load_lama
 
     if meta_cfg.get("records"):
@@ -106,7 +138,11 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
         phis[seed] = str(d / "phi")
         info[key] = {"run_name": f"meta-train seed {seed}", "role": "meta", "params": flatten_meta(cfg),
                      "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}
-        if not (d / "phi" / "phi.json").is_file():
+        shipped = None if retrain or (d / "phi" / "phi.json").is_file() else shipped_phi(cfg, data_hash)
+        if shipped is not None:
+            _seed_phi_cache(shipped, d)
+            study.client.set_tag(study.parent_id, f"taalm.phi_seed{seed}", f"shipped: {shipped}")
+        if retrain or not (d / "phi" / "phi.json").is_file():
             cpus = spec.resources.meta_cpu_count()
             todo.append({"kind": "meta", "trial_key": key, "meta": cfg, "phi_dir": str(d),
                          "resources": dict(spec.resources.model_dump(), workers=1, cpus_per_worker=cpus),
@@ -126,7 +162,7 @@ def flatten_meta(cfg: dict) -> dict:
 
 def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                  address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
-                 num_cpus: Optional[int] = None, resume: bool = False) -> dict:
+                 num_cpus: Optional[int] = None, resume: bool = False, retrain_phi: bool = False) -> dict:
     from .ray_trainables import injected_faults
 
     spec, trials, meta_cfg = load_grid(grid_path, overrides)  # everything validated before anything starts
@@ -137,11 +173,12 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     write_json_atomic(study_dir / "study.json", {
         "kind": "grid", "grid": str(Path(grid_path).resolve()), "overrides": overrides or [], "tracking_uri": uri,
         "out_root": str(Path(out_root).resolve()),
-        "name": spec.name, "trials": [{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]})
+        "name": spec.name, "reference": spec.reference,
+        "trials": [{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]})
     init_ray(address, num_cpus)
     study = Study(uri, spec.name, study_dir)
     if meta_cfg is not None:
-        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume)
+        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi)
         for t in trials:
             if t.needs_phi and not t.config.weighting.train_attention.phi:
                 phi = phis.get(t.seed, next(iter(phis.values())))
@@ -161,4 +198,4 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     failed = [r for r in results if r.error]
     study.finish("FAILED" if failed and len(failed) == len(dicts) else "FINISHED")
     return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name, "trials": len(dicts),
-            "failed": len(failed)}
+            "failed": len(failed), "reference": spec.reference}

@@ -100,6 +100,8 @@ class MlflowTrials(tune.Callback):
         self.run_ids: dict[str, str] = {}
         self.logged: dict[str, set] = {}
         self.curves: dict[str, dict[str, dict[int, float]]] = {}
+        # trial key -> {"uuids": {...}, "to_learn": {epoch: [acc per fact]}, "ntf": {...}}: per_fact.json
+        self.per_fact: dict[str, dict] = {}
 
     def _run(self, trial) -> tuple[str, str]:
         key = trial.config["t"]["trial_key"] if "t" in trial.config else trial.trial_id
@@ -124,12 +126,22 @@ class MlflowTrials(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         key, rid = self._run(trial)
         restored = result.get("restored_history")
+        pf = self.per_fact.setdefault(key, {"uuids": {}, "to_learn": {}, "ntf": {}})
         if isinstance(restored, dict):  # a resumed attempt: epochs the driver may have died before logging
             for epoch in range(int(result.get("start_epoch") or 0)):
                 self._log_step(key, rid, epoch, {k: v[epoch] for k, v in restored.items()
                                                  if isinstance(v, list) and epoch < len(v)})
+                for name in ("to_learn", "ntf"):
+                    seq = restored.get(f"{name}_per_fact") or []
+                    if epoch < len(seq):
+                        pf[name].setdefault(epoch, seq[epoch])
         step = int(result.get("epoch", result.get("step", 0)))
         self._log_step(key, rid, step, result)
+        if isinstance(result.get("per_fact"), dict):
+            pf["uuids"].update(result["per_fact"].get("uuids") or {})
+            for name in ("to_learn", "ntf"):
+                if isinstance(result["per_fact"].get(name), list):
+                    pf[name][step] = result["per_fact"][name]
         if isinstance(result.get("node_id"), str) and step == 0:
             self.study.client.set_tag(rid, "taalm.node_id", result["node_id"])
         if result.get("start_epoch") and step == result["start_epoch"]:
@@ -168,6 +180,14 @@ class MlflowTrials(tune.Callback):
             self.study.client.log_dict(rid, meta["config"], "config.json")
             self.study.client.log_dict(rid, {k: dict(sorted(v.items())) for k, v in self.curves[key].items()},
                                        "curves.json")
+            pf = self.per_fact.get(key)
+            if pf and pf["to_learn"] and pf["uuids"]:
+                # every fact's accuracy per epoch: the report's paired bootstrap resamples these
+                self.study.client.log_dict(rid, {
+                    "to_learn_uuids": pf["uuids"].get("to_learn"), "ntf_uuids": pf["uuids"].get("ntf"),
+                    "epochs": sorted(pf["to_learn"]),
+                    "to_learn": [pf["to_learn"][e] for e in sorted(pf["to_learn"])],
+                    "ntf": [pf["ntf"].get(e) for e in sorted(pf["to_learn"])]}, "per_fact.json")
             fig = learning_curve_figure(self.curves[key], meta["run_name"])
             if fig is not None:
                 import matplotlib.pyplot as plt

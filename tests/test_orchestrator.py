@@ -49,9 +49,20 @@ def test_ablate_end_to_end(ray_local, tmp_path, capsys):
         assert [m.step for m in c.get_metric_history(r.info.run_id, "to_learn_acc")] == [0, 1, 2]
         assert [m.step for m in c.get_metric_history(r.info.run_id, "ntf_acc")] == [0, 1, 2]
         assert {"top_acc", "top_epoch", "nf_acc", "total_knowledge"} <= set(r.data.metrics)
-        assert {a.path for a in c.list_artifacts(r.info.run_id)} >= {"config.json", "learning_curve.png"}
+        assert {a.path for a in c.list_artifacts(r.info.run_id)} >= {"config.json", "learning_curve.png",
+                                                                      "per_fact.json"}
         assert r.data.params["seed"] == "0" and r.data.tags["taalm.code_version"]
-    for f in ("table.md", "table.csv", "table.parquet", "curves.png", "pareto.png"):
+        pf = json.loads(Path(c.download_artifacts(r.info.run_id, "per_fact.json", str(tmp_path))).read_text())
+        # every fact's accuracy per epoch, averaging to the logged curve
+        assert pf["epochs"] == [0, 1, 2] and len(pf["to_learn_uuids"]) == len(pf["to_learn"][0]) > 0
+        logged = [m.value for m in c.get_metric_history(r.info.run_id, "to_learn_acc")]
+        assert [sum(v) / len(v) for v in pf["to_learn"]] == pytest.approx(logged)
+        assert [sum(v) / len(v) for v in pf["ntf"]] == pytest.approx(
+            [m.value for m in c.get_metric_history(r.info.run_id, "ntf_acc")])
+    assert len({json.dumps(json.loads(Path(c.download_artifacts(r.info.run_id, "per_fact.json", str(tmp_path / r.info.run_id))
+                                          ).read_text())["to_learn_uuids"]) for r in children}) == 1  # same facts
+    assert "Paired differences against Finetune" in out and "| Oracle | " in out.split("Paired differences")[1]
+    for f in ("table.md", "table.csv", "table.parquet", "paired.csv", "curves.png", "pareto.png"):
         assert (tmp_path / "smoke_tiny" / "report" / f).is_file()
 
 

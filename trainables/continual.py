@@ -44,6 +44,7 @@ class EpochReport:
     wall_seconds: float
     checkpoint_dir: Optional[str] = None
     summary: dict = field(default_factory=dict)  # top_acc, top_epoch, nf_acc, total_knowledge so far
+    per_fact: dict = field(default_factory=dict)  # "to_learn" / "ntf": this epoch's accuracy of every fact
 
 
 class Callback:
@@ -194,17 +195,23 @@ class DataParallel:
 
 
 def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
+    """TO-LEARN and NOT-TO-FORGET accuracy and exact match, and every fact's accuracy (``*_per_fact``, in
+    the split's order: what paired comparisons between methods resample)."""
     bs = setup.cfg.eval.batch_size
     out = {}
     for name, probes in (("to_learn", setup.to_learn_probes), ("ntf", setup.ntf_probes)):
+        n = len(probes)
+        lo = n * dp.rank // dp.world if dp else 0
         mine = dp.shard(probes) if dp else probes
         scores = probe_scores(setup.model, mine, setup.pad_id, bs, setup.device) if mine else []
-        sums = torch.tensor([sum(a for a, _ in scores), sum(e for _, e in scores), len(scores)], dtype=torch.float64)
+        per_fact = torch.zeros(2, n, dtype=torch.float64)  # accuracy, exact match; each rank fills its shard
+        if scores:
+            per_fact[:, lo:lo + len(scores)] = torch.tensor(scores, dtype=torch.float64).T
         if dp:
-            dp.all_reduce_(sums)
-        n = sums[2].item()
-        out[f"{name}_acc"] = sums[0].item() / n if n else float("nan")
-        out[f"{name}_em"] = sums[1].item() / n if n else float("nan")
+            dp.all_reduce_(per_fact)
+        out[f"{name}_acc"] = per_fact[0].mean().item() if n else float("nan")
+        out[f"{name}_em"] = per_fact[1].mean().item() if n else float("nan")
+        out[f"{name}_per_fact"] = per_fact[0].tolist()
     return out
 
 
@@ -290,14 +297,15 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     optimizer = make_optimizer(cfg, list(setup.trainable.values()))
     cfg_dict = config_to_dict(cfg)
 
-    history = {k: [] for k in ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight")}
+    history = {k: [] for k in ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight",
+                               "to_learn_per_fact", "ntf_per_fact")}
     start_epoch, wall_before, train_tokens, train_seconds = 0, 0.0, 0, 0.0
     if resume and ckpt_dir is not None and ckpt_dir.exists():
         state = load_loop_checkpoint(ckpt_dir, setup.trainable, optimizer)
         if _comparable(state.get("config", {})) != _comparable(cfg_dict):
             raise InputError(str(ckpt_dir), "checkpoint was written by a different configuration "
                                             "(only train.epochs and checkpoint.every may change on resume)")
-        history = state["history"]
+        history = {**{k: [] for k in history}, **state["history"]}
         start_epoch = state["epoch"] + 1
         wall_before = state["wall_seconds"]
         train_tokens, train_seconds = state["train_tokens"], state["train_seconds"]
@@ -307,6 +315,8 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
             "seekr_heads": getattr(setup.replay, "heads", None),
             "n_trainable_params": sum(p.numel() for p in setup.trainable.values()),
             "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch,
+            # the facts behind *_per_fact, in order
+            "to_learn_uuids": [f.uuid for f in setup.split.to_learn], "ntf_uuids": [f.uuid for f in setup.split.ntf],
             # the curves up to the checkpoint this run resumed from (None for a fresh run)
             "restored_history": {k: list(v) for k, v in history.items()} if start_epoch else None}
     for cb in callbacks:
@@ -327,7 +337,8 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
                 "train_tokens": train_tokens, "train_seconds": train_seconds})
             written = str(ckpt_dir)
         report = EpochReport(epoch, ev["to_learn_acc"], ev["ntf_acc"], ev["to_learn_em"], ev["ntf_em"], loss,
-                             weight, wall, written, summarize(history["to_learn_acc"], history["ntf_acc"]))
+                             weight, wall, written, summarize(history["to_learn_acc"], history["ntf_acc"]),
+                             {"to_learn": ev["to_learn_per_fact"], "ntf": ev["ntf_per_fact"]})
         for cb in callbacks:
             cb.on_epoch_end(report)
 

@@ -1,0 +1,68 @@
+"""The report's paired comparison: each method against the reference row, per fact, with a paired
+bootstrap interval over facts and seeds (orchestrator.report.paired_differences)."""
+
+import numpy as np
+import pytest
+
+from orchestrator.report import paired_differences, paired_markdown
+
+
+def _row(label, seed, tl, nf):
+    """A finished trial with per-fact accuracies: tl / nf are [epochs 0..N][facts]."""
+    n_tl, n_nf = len(tl[0]), len(nf[0])
+    return {"label": label, "seed": seed, "status": "FINISHED", "per_fact": {
+        "epochs": list(range(len(tl))), "to_learn_uuids": [f"t{i}" for i in range(n_tl)],
+        "ntf_uuids": [f"n{i}" for i in range(n_nf)], "to_learn": tl, "ntf": nf}}
+
+
+def _curves(rng, n_tl, n_nf, p_learn, p_keep, epochs=3):
+    tl = [[0.0] * n_tl] + [list((rng.random(n_tl) < p_learn).astype(float)) for _ in range(epochs)]
+    nf = [[1.0] * n_nf] + [list((rng.random(n_nf) < p_keep).astype(float)) for _ in range(epochs)]
+    return tl, nf
+
+
+def test_point_estimate_is_the_difference_of_the_summaries():
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1, 2):
+        rows.append(_row("Finetune", seed, *_curves(rng, 40, 30, 0.1, 0.7)))
+        rows.append(_row("TAALM", seed, *_curves(rng, 40, 30, 0.4, 0.9)))
+    d = paired_differences(rows, n_boot=500)
+    assert [x["method"] for x in d] == ["TAALM"] and d[0]["reference"] == "Finetune" and d[0]["seeds"] == 3
+
+    def summary(r):  # Top Acc over epochs 1..N, NF Acc at the first epoch reaching it
+        tl = np.array(r["per_fact"]["to_learn"])[1:].mean(1)
+        nf = np.array(r["per_fact"]["ntf"])[1:].mean(1)
+        e = int(tl.argmax())
+        return tl[e], tl[e] + nf[e]
+
+    diffs = [np.subtract(summary(rows[2 * i + 1]), summary(rows[2 * i])) for i in range(3)]
+    assert d[0]["d_top_acc"] == pytest.approx(np.mean([x[0] for x in diffs]))
+    assert d[0]["d_total_knowledge"] == pytest.approx(np.mean([x[1] for x in diffs]))
+    assert 0 < d[0]["d_top_acc_lo"] < d[0]["d_top_acc"] < d[0]["d_top_acc_hi"]  # a clear effect excludes 0
+    assert "| TAALM | +0." in paired_markdown(d) and "excludes 0" in paired_markdown(d)
+
+
+def test_a_method_equal_to_the_reference_has_an_interval_around_zero():
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in (0, 1):
+        tl, nf = _curves(rng, 50, 20, 0.2, 0.8)
+        rows += [_row("Finetune", seed, tl, nf), _row("Copy", seed, tl, nf)]
+        rows.append(_row("Noise", seed, *_curves(rng, 50, 20, 0.2, 0.8)))
+    d = {x["method"]: x for x in paired_differences(rows, n_boot=500)}
+    assert d["Copy"]["d_top_acc"] == 0 and d["Copy"]["d_top_acc_lo"] == 0 == d["Copy"]["d_top_acc_hi"]
+    assert d["Noise"]["d_top_acc_lo"] < 0 < d["Noise"]["d_top_acc_hi"]  # same distribution: no effect
+
+
+def test_reference_choice_pairing_and_missing_data():
+    rng = np.random.default_rng(2)
+    a, b = _curves(rng, 10, 10, 0.3, 0.8), _curves(rng, 10, 10, 0.3, 0.8)
+    rows = [_row("Oracle", 0, *a), _row("Random", 0, *b)]
+    assert [x["reference"] for x in paired_differences(rows, n_boot=50)] == ["Oracle"]  # no Finetune: first row
+    assert [x["method"] for x in paired_differences(rows, reference="Random", n_boot=50)] == ["Oracle"]
+    other = _row("Random", 0, *b)
+    other["per_fact"]["to_learn_uuids"] = [f"x{i}" for i in range(10)]  # other facts: cannot be paired
+    assert paired_differences([rows[0], other], n_boot=50) == []
+    failed = dict(rows[1], status="FAILED")
+    assert paired_differences([rows[0], failed], n_boot=50) == []
