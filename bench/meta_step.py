@@ -5,7 +5,8 @@
 A plain step: forward, backward and AdamW on θ's trainable set, uniform weights, the batch's documents
 in one forward. A meta-step (dummy_loop 1, inner_steps 1, AdamW inner optimizer, phi_loss): φ's
 weights, the first-order dummy update, the differentiable update, the probe objective and the
-second-order backward to φ, one example at a time, plus AdamW on φ. Each mode runs in its own
+second-order backward to φ, plus AdamW on φ: ``meta`` with the meta-batch vmapped (meta.batching=vmap,
+the default), ``meta_sequential`` one example at a time. Each mode runs in its own
 subprocess so that the peak resident memory (ru_maxrss above the post-setup baseline) is its own.
 Writes bench/results/meta_step_<model>.json.
 """
@@ -25,17 +26,18 @@ from pathlib import Path
 import torch
 
 
-def _setup(model: str, batch: int, max_length: int):
+def _setup(model: str, batch: int, max_length: int, batching: str = "vmap"):
     from trainables.config import load_config
     from trainables.meta import Inner, MetaConfig, prepare_meta
 
     overrides = [f"model.name={model}", "params.kind=lora", "params.r=16", "params.dropout=0.0",
                  f"meta.max_length={max_length}", f"data.max_doc_tokens={max_length}", "meta.pool_size=40",
                  "meta.val_size=4", "meta.dummy_loop=1", "meta.inner_steps=1", "meta.inner_optimizer=adamw",
-                 "data.split=tailored", "phi.num_layers=" + ("1" if model == "tiny" else "6")]
+                 "data.split=tailored", "phi.num_layers=" + ("1" if model == "tiny" else "6"),
+                 f"meta.batching={batching}"]
     cfg = load_config(None, overrides, schema=MetaConfig)
     s = prepare_meta(cfg)
-    return cfg, s, Inner(s["model"], s["theta0"], cfg.meta), s["train"][:batch]
+    return cfg, s, Inner(s["model"], s["theta0"], cfg.meta, s["tokenizer"].pad_token_id), s["train"][:batch]
 
 
 def child(mode: str, model: str, batch: int, repeats: int, max_length: int) -> dict:
@@ -44,7 +46,7 @@ def child(mode: str, model: str, batch: int, repeats: int, max_length: int) -> d
     from trainables.meta import meta_gradient
     from trainables.train_attention import phi_trainable
 
-    cfg, s, inner, examples = _setup(model, batch, max_length)
+    cfg, s, inner, examples = _setup(model, batch, max_length, "sequential" if mode == "meta_sequential" else "vmap")
     theta = s["model"]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode in ("plain", "plain_sequential"):
@@ -95,14 +97,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--child", choices=["plain", "plain_sequential", "meta"])
+    ap.add_argument("--child", choices=["plain", "plain_sequential", "meta", "meta_sequential"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.model, args.batch, args.repeats, args.max_length)))
         return
     res = {}
-    for mode in ("plain", "plain_sequential", "meta"):
+    for mode in ("plain", "plain_sequential", "meta", "meta_sequential"):
         r = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--batch",
                             str(args.batch), "--repeats", str(args.repeats), "--max-length", str(args.max_length)],
                            capture_output=True, text=True, check=True)
@@ -116,8 +118,12 @@ def main() -> None:
         "model": args.model, "batch": args.batch,
         "time_ratio": res["meta"]["seconds"] / res["plain"]["seconds"],
         "time_ratio_vs_sequential_plain": res["meta"]["seconds"] / res["plain_sequential"]["seconds"],
+        "sequential_meta_time_ratio": res["meta_sequential"]["seconds"] / res["plain"]["seconds"],
+        "vmap_speedup": res["meta_sequential"]["seconds"] / res["meta"]["seconds"],
         "peak_memory_ratio": (res["meta"]["peak_rss_above_baseline_mb"] /
                               max(res["plain"]["peak_rss_above_baseline_mb"], 1e-9)),
+        "sequential_peak_memory_ratio": (res["meta_sequential"]["peak_rss_above_baseline_mb"] /
+                                         max(res["plain"]["peak_rss_above_baseline_mb"], 1e-9)),
         **res,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "device": "cpu"},

@@ -184,26 +184,28 @@ def resume(
 
 @app.command()
 def report(
-    study: Path = typer.Argument(..., help="A study directory (OUT/<grid name>) written by `taalm ablate`."),
+    studies: List[Path] = typer.Argument(..., help="Study directories (OUT/<name>) written by `taalm ablate`; "
+                                                   "several: their trials in one table (e.g. seeds run apart)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     experiment: Optional[str] = typer.Option(None, "--experiment"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: FIRST_STUDY/report)."),
+    reference: Optional[str] = typer.Option(None, "--reference",
+                                            help="Method the paired differences are taken against "
+                                                 "(default: the grid's `reference`, else Finetune)."),
 ):
-    """Build the table (Markdown, CSV, Parquet), curves and Pareto plot of a study from MLflow."""
-    from orchestrator.report import study_tracking, write_report
+    """Build the table (Markdown, CSV, Parquet), paired differences, curves and Pareto plot from MLflow."""
+    from orchestrator.report import read_study, write_report
 
-    reference = None
     if tracking_uri and experiment:
-        uri, name = tracking_uri, experiment
+        sources = [(tracking_uri, experiment)]
     else:
-        uri, name = study_tracking(study)
-        from orchestrator.report import read_study
-
-        reference = read_study(study).get("reference")
-    rep = write_report(uri, name, study / "report", reference)
+        records = [read_study(s) for s in studies]
+        sources = [(r["tracking_uri"], r["name"]) for r in records]
+        reference = reference or records[0].get("reference")
+    rep = write_report(*sources[0], out or studies[0] / "report", reference, more=sources[1:])
     print(rep["markdown"])
     console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, paired.csv, curves.png, "
-                  f"pareto.png)",
-                  highlight=False, soft_wrap=True)
+                  f"pareto.png)", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -216,7 +216,11 @@ def failures(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: str | None = None) -> dict:
+def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: str | None = None,
+                 more: "list[tuple[str, str]]" = ()) -> dict:
+    """Build the report of a study; ``more`` = further (tracking URI, experiment) pairs whose trials join
+    the same table (e.g. the seeds of one grid run as two studies). A method and seed found in two
+    studies is an error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +230,24 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
     import pyarrow.parquet as pq
 
     rows = collect(tracking_uri, experiment)
+    seen = {(r["label"], r["seed"]): experiment for r in rows}
+    for uri, name in more:
+        for r in collect(uri, name):
+            if (r["label"], r["seed"]) in seen:
+                from trainables.errors import InputError
+
+                raise InputError(f"{uri} ({name})", f"{r['label']} seed {r['seed']} is also in study "
+                                                    f"{seen[(r['label'], r['seed'])]!r}: give studies with "
+                                                    "different seeds or methods")
+            seen[(r["label"], r["seed"])] = name
+            rows.append(r)
+        rows.sort(key=lambda r: (r["order"], r["start"]))
     tab = table(rows)
+    if reference is not None and reference not in {e["method"] for e in tab}:
+        from trainables.errors import InputError
+
+        raise InputError("--reference", f"{reference!r} is not a method of this study "
+                                        f"(methods: {', '.join(e['method'] for e in tab)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     diffs = paired_differences(rows, reference)
     md = markdown(tab) + paired_markdown(diffs) + failures(rows)

@@ -66,3 +66,15 @@ def test_nested_and_dotted_overrides_merge_key_by_key():
         train = load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ov)[1][0].config.train
         assert train.epochs == 3, ov
         assert train.model_copy(update={"epochs": base.epochs}) == base, ov  # lr, batch size, ... kept
+
+
+def test_reference_row_must_be_a_method_of_the_grid(tmp_path):
+    import pytest
+
+    from trainables.errors import InputError
+
+    spec, _, _ = load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ["reference=Oracle"])
+    assert spec.reference == "Oracle"
+    with pytest.raises(InputError) as e:
+        load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ["reference=Finetuned"])
+    assert "(reference)" in e.value.where and "Finetune, Oracle" in e.value.message

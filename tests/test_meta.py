@@ -47,11 +47,13 @@ def f64_setup(tokenizer, f64_model):
     return theta, theta0, phi, examples
 
 
+@pytest.mark.parametrize("batching", ["vmap", "sequential"])
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adam", 0.01)])
 @pytest.mark.parametrize("dummy_loop", [0, 1])
-def test_meta_gradient_matches_finite_differences(f64_setup, optimizer, lr, dummy_loop):
+def test_meta_gradient_matches_finite_differences(f64_setup, optimizer, lr, dummy_loop, batching):
     theta, theta0, phi, examples = f64_setup
-    opts = MetaOptions(inner_optimizer=optimizer, inner_lr=lr, dummy_loop=dummy_loop, inner_steps=1)
+    opts = MetaOptions(inner_optimizer=optimizer, inner_lr=lr, dummy_loop=dummy_loop, inner_steps=1,
+                       batching=batching)
     inner = Inner(theta, theta0, opts)
     params = phi_trainable(phi)
 
@@ -90,6 +92,40 @@ def test_meta_gradient_matches_finite_differences(f64_setup, optimizer, lr, dumm
     numeric = (f_plus - f_minus) / (2 * eps)
     assert abs(analytic) > 1e-6, "the meta-gradient should not vanish in this setting"
     assert abs(analytic - numeric) / abs(numeric) < 1e-4, (analytic, numeric)
+
+
+@pytest.mark.parametrize("objective", ["phi_loss", "change3"])
+@pytest.mark.parametrize("optimizer,lr,dummy_loop,inner_steps", [("sgd", 0.5, 1, 1), ("adamw", 0.01, 1, 2),
+                                                                  ("adam", 0.01, 0, 1)])
+def test_batched_meta_gradient_equals_one_example_at_a_time(tokenizer, f64_model, f64_setup, objective, optimizer,
+                                                            lr, dummy_loop, inner_steps):
+    """meta.batching=vmap (the meta-batch's inner loops together, padded to the longest document and probe)
+    computes the same objective and φ-gradient as running the examples one after another."""
+    theta, theta0, phi, _ = f64_setup
+    facts = sorted(load_lama().facts["variant"], key=lambda f: len(f.evidence))
+    examples = [make_example(tokenizer, f, "descriptive", 128, "cpu") for f in (facts[0], facts[20], facts[40])]
+    assert len({ex.doc["input_ids"].size(1) for ex in examples}) == 3  # padding is exercised (lengths differ)
+    assert len({ex.probe_ids.size(1) for ex in examples}) > 1
+    out = {}
+    for batching in ("vmap", "sequential"):
+        opts = MetaOptions(inner_optimizer=optimizer, inner_lr=lr, dummy_loop=dummy_loop, inner_steps=inner_steps,
+                           objective=objective, batching=batching)
+        inner = Inner(theta, theta0, opts, pad_id=tokenizer.pad_token_id)
+        out[batching] = meta_gradient(inner, phi, examples)
+        assert inner.batching_off is None
+    (ov, gv), (os_, gs) = out["vmap"], out["sequential"]
+    assert ov == pytest.approx(os_, rel=1e-10)
+    for k in gs:
+        assert torch.allclose(gv[k], gs[k], rtol=1e-8, atol=1e-12), (k, (gv[k] - gs[k]).abs().max().item(), gs[k].abs().max().item())
+    assert sum(g.abs().sum() for g in gs.values()) > 0
+
+
+def test_unbatchable_meta_batch_falls_back_with_a_reason(f64_setup, caplog):
+    theta, theta0, phi, examples = f64_setup
+    inner = Inner(theta, theta0, MetaOptions(restrict_unrelated=0.5))
+    with caplog.at_level("WARNING", logger="trainables.meta"):
+        obj, _ = meta_gradient(inner, phi, examples, unrelated=examples[::-1])
+    assert "one example at a time: meta.restrict_unrelated" in caplog.text and obj == obj
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

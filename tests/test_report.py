@@ -66,3 +66,40 @@ def test_reference_choice_pairing_and_missing_data():
     assert paired_differences([rows[0], other], n_boot=50) == []
     failed = dict(rows[1], status="FAILED")
     assert paired_differences([rows[0], failed], n_boot=50) == []
+
+
+def _study(tmp_path, name, trials):
+    """A real MLflow sqlite store with a study's finished trial runs (tags and per_fact.json as the
+    tracking callback writes them)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / (name + '.db')}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment(name, artifact_location=(tmp_path / f"{name}-art").as_uri())
+    for order, (label, seed, row) in enumerate(trials):
+        run = c.create_run(exp, run_name=f"{label} seed {seed}", tags={
+            "taalm.role": "trial", "taalm.label": label, "taalm.seed": str(seed), "taalm.order": str(order)})
+        tl = np.array(row["per_fact"]["to_learn"])[1:].mean(1)
+        c.log_metric(run.info.run_id, "top_acc", float(tl.max()))
+        c.log_dict(run.info.run_id, row["per_fact"], "per_fact.json")
+        c.set_terminated(run.info.run_id, "FINISHED")
+    return uri
+
+
+def test_report_joins_studies_and_checks_the_reference(tmp_path):
+    from orchestrator.report import write_report
+    from trainables.errors import InputError
+
+    rng = np.random.default_rng(3)
+    a = [(lab, 0, _row(lab, 0, *_curves(rng, 20, 10, p, 0.8))) for lab, p in (("Finetune", 0.1), ("TAALM", 0.5))]
+    b = [(lab, 1, _row(lab, 1, *_curves(rng, 20, 10, p, 0.8))) for lab, p in (("Finetune", 0.1), ("TAALM", 0.5))]
+    ua, ub = _study(tmp_path, "s0", a), _study(tmp_path, "s1", b)
+    rep = write_report(ua, "s0", tmp_path / "rep", more=[(ub, "s1")])
+    assert [(e["method"], e["seeds"]) for e in rep["table"]] == [("Finetune", 2), ("TAALM", 2)]
+    assert rep["paired"][0]["method"] == "TAALM" and rep["paired"][0]["seeds"] == 2
+    assert (tmp_path / "rep" / "paired.csv").is_file()
+    with pytest.raises(InputError, match="'Nope' is not a method"):
+        write_report(ua, "s0", tmp_path / "rep2", reference="Nope")
+    with pytest.raises(InputError, match="Finetune seed 0 is also in study 's0'"):
+        write_report(ua, "s0", tmp_path / "rep3", more=[(ua, "s0")])
+    assert not (tmp_path / "rep2").exists() and not (tmp_path / "rep3").exists()

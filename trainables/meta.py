@@ -17,6 +17,7 @@ The meta-gradient is the exact derivative of that objective with the dummy-phase
 from __future__ import annotations
 
 import html
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from .models import apply_params, load_base_model, load_tokenizer, trainable_par
 from .tailor import build_split
 from .train_attention import PhiConfig, TrainAttention, build_phi, phi_trainable, save_phi
 
+log = logging.getLogger(__name__)
+
 
 class MetaOptions(_Strict):
     steps: int = Field(100, ge=0)
@@ -62,6 +65,10 @@ class MetaOptions(_Strict):
     val_dummy_loop: int = Field(3, ge=0)  # validation trains val_dummy_loop + 1 epochs
     val_batch_size: int = Field(8, ge=1)
     pool_size: Optional[int] = Field(None, ge=2)  # subsample the Train-Attention pool
+    # "vmap": the meta-batch's inner loops run together (torch.func.vmap over per-example θ, documents
+    # padded to the batch's longest), the same mathematics as "sequential" (one example after another);
+    # falls back to sequential, with a logged reason, where it cannot batch
+    batching: Literal["vmap", "sequential"] = "vmap"
 
 
 class MetaConfig(_Strict):
@@ -127,13 +134,16 @@ def make_example(tokenizer, fact: Fact, task: str, max_length: int, device) -> M
 class Inner:
     """θ as a function of a parameter dict: the weighted LM loss and probe losses, via functional_call."""
 
-    def __init__(self, model: torch.nn.Module, theta0: dict[str, torch.Tensor], opts: MetaOptions):
+    def __init__(self, model: torch.nn.Module, theta0: dict[str, torch.Tensor], opts: MetaOptions, pad_id: int = 0):
         self.model = model
+        self.pad_id = pad_id  # pads a meta-batch's documents and probes when it is vmapped
         self.theta0 = {k: v.detach().clone() for k, v in theta0.items()}
         self.keys = list(self.theta0)
         self.opts = opts
         cls = INNER_OPTIMIZERS.get(opts.inner_optimizer, "meta.inner_optimizer")
         self.optimizer = cls(lr=opts.inner_lr)
+        self.batching_off: Optional[str] = None  # why the meta-batch is not vmapped (set on a failure)
+        self.logged: set[str] = set()
 
     def nll(self, params, ids, mask) -> torch.Tensor:
         logits = functional_call(self.model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
@@ -165,6 +175,59 @@ class Inner:
             params, state = self.optimizer.step(params, g, state)
         return params
 
+    # ---- one example as a function of its own parameter dict (vmapped over the meta-batch) ----
+
+    def _nll_one(self, params, ids, mask) -> torch.Tensor:
+        """[T-1] token NLL of one (padded) sequence ``ids`` [T] at ``params``."""
+        logits = functional_call(self.model, params, args=(),
+                                 kwargs={"input_ids": ids[None], "attention_mask": mask[None]}).logits
+        return token_nll(logits, ids[None], mask[None])[0]
+
+    def _doc_loss_one(self, params, ids, mask, w) -> torch.Tensor:
+        return weighted_loss(self._nll_one(params, ids, mask)[None], w[None])
+
+    def _objective_one(self, params, ids, mask, targets, base) -> torch.Tensor:
+        nll = self._nll_one(params, ids, mask)
+        if self.opts.objective == "phi_loss":
+            return (nll * targets).sum() / targets.sum()
+        d = (nll - base) * prediction_mask(mask[None])[0].to(nll.dtype)
+        n = mask[1:].sum()
+        return (d ** 3).sum() / n if self.opts.objective == "change3" else (d * d.abs()).sum() / n
+
+    def batched_objectives(self, docs: dict, w: torch.Tensor, probes: dict) -> torch.Tensor:
+        """[B] objectives of a meta-batch: every example's dummy and differentiable inner updates from θ_0
+        and its probe objective, all examples at once (vmap over per-example parameter dicts)."""
+        from torch.func import vmap
+
+        b = w.shape[0]
+        vloss = vmap(self._doc_loss_one)
+
+        def grads(params, weights, create_graph):
+            # example b's loss depends only on its own slice params[k][b]: the gradient of the sum is the
+            # stack of per-example gradients
+            loss = vloss(params, docs["input_ids"], docs["attention_mask"], weights).sum()
+            return self._grads(loss, params, create_graph)
+
+        params = {k: v.detach().unsqueeze(0).expand(b, *v.shape).clone().requires_grad_(True)
+                  for k, v in self.theta0.items()}
+        state = self.optimizer.init(params)
+        for _ in range(self.opts.dummy_loop):  # first-order: w detached, no graph kept
+            g = grads(params, w.detach(), False)
+            with torch.no_grad():
+                params, state = self.optimizer.step(params, g, state)
+            params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            state = detach_state(state)
+        for _ in range(self.opts.inner_steps):  # through the graph: θ' is a function of w
+            params, state = self.optimizer.step(params, grads(params, w, True), state)
+        base = torch.zeros_like(probes["targets"], dtype=w.dtype)  # θ_0's probe NLL (change3 / change2 only)
+        if self.opts.objective != "phi_loss":
+            with torch.no_grad():
+                logits = functional_call(self.model, self.theta0, args=(), kwargs={
+                    "input_ids": probes["input_ids"], "attention_mask": probes["attention_mask"]}).logits
+                base = token_nll(logits, probes["input_ids"], probes["attention_mask"])
+        return vmap(self._objective_one)(params, probes["input_ids"], probes["attention_mask"],
+                                         probes["targets"], base)
+
     def objective(self, params, ex: MetaExample, unrelated: Optional[MetaExample] = None) -> torch.Tensor:
         o = self.opts
         nll = self.nll(params, ex.probe_ids, ex.probe_mask)
@@ -184,9 +247,31 @@ class Inner:
         return obj
 
 
-def meta_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample],
-                  unrelated: Sequence[Optional[MetaExample]] = ()) -> tuple[float, dict[str, torch.Tensor]]:
-    """Mean objective over the meta-batch and its gradient w.r.t. φ's trainable parameters."""
+def _collate_probes(batch: Sequence[MetaExample], pad_id: int) -> dict:
+    width = max(ex.probe_ids.size(1) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=batch[0].probe_ids.device)
+    mask = torch.zeros_like(ids)
+    targets = torch.zeros(len(batch), width - 1, dtype=batch[0].object_targets.dtype, device=ids.device)
+    for i, ex in enumerate(batch):
+        n = ex.probe_ids.size(1)
+        ids[i, :n], mask[i, :n], targets[i, :n - 1] = ex.probe_ids[0], 1, ex.object_targets[0]
+    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+
+
+def _collate_docs(batch: Sequence[MetaExample], pad_id: int) -> dict:
+    width = max(ex.doc["input_ids"].size(1) for ex in batch)
+    out = {}
+    for k in ("input_ids", "attention_mask", "object_mask"):
+        fill = pad_id if k == "input_ids" else 0
+        t = torch.full((len(batch), width), fill, dtype=torch.long, device=batch[0].doc[k].device)
+        for i, ex in enumerate(batch):
+            t[i, :ex.doc[k].size(1)] = ex.doc[k][0]
+        out[k] = t
+    return out
+
+
+def _sequential_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample],
+                         unrelated: Sequence[Optional[MetaExample]]) -> tuple[float, dict[str, torch.Tensor]]:
     phi_params = phi_trainable(phi)
     names = list(phi_params)
     total = {k: torch.zeros_like(p) for k, p in phi_params.items()}
@@ -202,6 +287,40 @@ def meta_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample
                 total[k] += g.detach() / len(batch)
         objs.append(obj.item())
     return mean(objs), total
+
+
+def _batched_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample],
+                      pad_id: int) -> tuple[float, dict[str, torch.Tensor]]:
+    phi_params = phi_trainable(phi)
+    names = list(phi_params)
+    docs = _collate_docs(batch, pad_id)
+    w = phi.weights(docs["input_ids"], docs["attention_mask"]).to(next(iter(inner.theta0.values())).dtype)
+    objs = inner.batched_objectives(docs, w, _collate_probes(batch, pad_id))
+    grads = torch.autograd.grad(objs.mean(), [phi_params[k] for k in names], allow_unused=True)
+    total = {k: (g.detach() if g is not None else torch.zeros_like(phi_params[k])) for k, g in zip(names, grads)}
+    return objs.detach().mean().item(), total
+
+
+def meta_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample],
+                  unrelated: Sequence[Optional[MetaExample]] = ()) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean objective over the meta-batch and its gradient w.r.t. φ's trainable parameters: every example
+    from θ_0 with its own θ', the gradient the mean over examples. ``meta.batching: vmap`` runs the
+    examples together; it falls back to one example after another (logged once, with the reason) for the
+    unrelated-probe term and wherever vmap fails (e.g. a quantised θ)."""
+    reason = inner.batching_off
+    if reason is None and inner.opts.batching == "vmap":
+        if any(u is not None for u in unrelated):
+            reason = "meta.restrict_unrelated is computed one example at a time"
+        else:
+            try:
+                return _batched_gradient(inner, phi, batch, inner.pad_id)
+            except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+                reason = f"vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                inner.batching_off = reason
+        if reason not in inner.logged:
+            inner.logged.add(reason)
+            log.warning("meta-batch runs one example at a time: %s", reason)
+    return _sequential_gradient(inner, phi, batch, unrelated)
 
 
 class _FunctionalLM(torch.nn.Module):
@@ -342,7 +461,7 @@ def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
     out = Path(out_dir) if out_dir else None
     s = prepare_meta(cfg)
     phi, tokenizer, device = s["phi"], s["tokenizer"], s["device"]
-    inner = Inner(s["model"], s["theta0"], cfg.meta)
+    inner = Inner(s["model"], s["theta0"], cfg.meta, tokenizer.pad_token_id)
     opt = torch.optim.AdamW(list(phi_trainable(phi).values()), lr=cfg.meta.lr, weight_decay=cfg.meta.weight_decay)
     rng = random.Random(cfg.seed)
     history = {"step": [], "objective": [], "seconds": []}
