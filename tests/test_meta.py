@@ -260,3 +260,36 @@ def test_phi_body_options(tokenizer):
     assert not any("embed_tokens" in n for n in names)
     with pytest.raises(InputError, match="phi.num_layers"):
         build_phi(PhiConfig(num_layers=9), ModelConfig(name="tiny"), tokenizer)
+
+
+def test_a_shipped_phi_seeds_the_meta_stage_cache_only_for_its_own_config(meta_run, tokenizer, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+
+    from orchestrator import study
+
+    out, m = meta_run
+    shutil.copytree(out / "phi", tmp_path / "shipped" / "tiny")
+    shutil.copy(out / "meta_metrics.json", tmp_path / "shipped" / "tiny")
+    monkeypatch.setattr(study, "SHIPPED_PHI", tmp_path / "shipped")
+    cfg = m["config"]
+    assert study.shipped_phi(cfg, m["data_hash"]) == tmp_path / "shipped" / "tiny"
+    assert study.shipped_phi(dict(cfg, seed=cfg["seed"] + 1), m["data_hash"]) is None  # another config
+    assert study.shipped_phi(cfg, "another-data-hash") is None
+    study._seed_phi_cache(tmp_path / "shipped" / "tiny", tmp_path / "cache")
+    phi, meta = load_phi(tmp_path / "cache" / "phi", tokenizer)
+    assert meta["step"] == m["best_step"] and (tmp_path / "cache" / "meta_metrics.json").is_file()
+
+
+def test_the_shipped_smollm2_phi_matches_the_grids_that_use_it():
+    """The Table 9 / Table 1 / Table 6 grids name examples/meta_smollm2.yaml: the φ in ablations/phi/ must
+    have been trained with exactly that config on this data, or the demo would meta-train anew."""
+    from orchestrator.grid import load_grid
+    from orchestrator.study import shipped_phi
+
+    lama_hash = load_lama().hash
+    for grid in ("table9_token_weighting", "baselines_table1", "combos_table6"):
+        _, _, meta_cfg = load_grid(ROOT / "ablations" / f"{grid}.yaml")
+        found = shipped_phi(meta_cfg, lama_hash)
+        assert found is not None and found.name == "smollm2-135m", grid
+        assert json.loads((found / "meta_metrics.json").read_text())["held_out_focus"]["n_docs"] > 0
