@@ -142,6 +142,9 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
         if shipped is not None:
             _seed_phi_cache(shipped, d)
             study.client.set_tag(study.parent_id, f"taalm.phi_seed{seed}", f"shipped: {shipped}")
+            for f in ("phi.json", "meta_metrics.json", "heatmap.html"):  # what φ is, beside the study
+                if (shipped / f).is_file():
+                    study.client.log_artifact(study.parent_id, str(shipped / f), f"phi_seed{seed}")
         if retrain or not (d / "phi" / "phi.json").is_file():
             cpus = spec.resources.meta_cpu_count()
             todo.append({"kind": "meta", "trial_key": key, "meta": cfg, "phi_dir": str(d),
