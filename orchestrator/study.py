@@ -38,6 +38,9 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # save Tune's experiment state every second, so a killed driver loses at most ~1 s of trial states
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # MLflow is the study's record: no Tune CSV/JSON/TensorBoard loggers (they choke on the per-fact lists
+    # of each report, and nothing here reads them)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if address:
         target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
         if target.rsplit(":", 1)[0] in LOOPBACK:  # a cluster started with --node-ip-address 127.0.0.1
