@@ -309,13 +309,13 @@ def read_study(study_dir: Path) -> dict:
     """The study.json of a study directory (written by `taalm ablate` / `taalm tune`), checked."""
     import json
 
-    from trainables.errors import InputError
+    from trainables.errors import InputError, read_text
 
     f = Path(study_dir) / "study.json"
     if not f.is_file():
         raise InputError(str(study_dir), "not a study directory (no study.json): run `taalm ablate` first")
     try:
-        s = json.loads(f.read_text())
+        s = json.loads(read_text(f))
     except json.JSONDecodeError as e:
         raise InputError(f"{f}:{e.lineno}", f"corrupt study file: {e.msg}") from None
     missing = [k for k in ("name", "tracking_uri") if not isinstance(s, dict) or not isinstance(s.get(k), str)]

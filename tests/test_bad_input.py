@@ -114,6 +114,29 @@ def study_dir(study_json: Optional[str]):
     return prep
 
 
+def write_bytes(rel: str, data: bytes):
+    def prep(tmp: Path) -> None:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data.replace(b"BASE", str(TINY).encode()))
+    return prep
+
+
+def lama_latin1_line(name: str, lineno: int):
+    """A LAMA file whose line ``lineno`` was saved as Latin-1 (an é that is not UTF-8)."""
+    def prep(tmp: Path) -> None:
+        p = lama_copy(tmp) / name
+        lines = p.read_bytes().split(b"\n")
+        rec = json.loads(lines[lineno - 1])
+        rec["subject"] = rec["subject"] + " caf\u00e9"
+        lines[lineno - 1] = json.dumps(rec, ensure_ascii=False).encode("latin-1")
+        p.write_bytes(b"\n".join(lines))
+    return prep
+
+
+LATIN1_CFG = RUN_TEXT.encode() + "# réglages\n".encode("latin-1")
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+
+
 @dataclass
 class Case:
     id: str
@@ -348,11 +371,41 @@ CASES = [
          prep=phi_dir({"phi.json": b'{"format": "pickle"}', "phi.safetensors": GARBAGE})),
     Case("run: TAALM without φ", "corrupt checkpoint", RUN_TINY + ["--set", "weighting.scheme=train_attention"],
          ["weighting.train_attention.phi"]),
+    # --- files that are not UTF-8 text ------------------------------------------------------------------------
+    Case("run: Latin-1 config", "not utf-8", RUN, [f"cfg.yaml:{len(RUN_TEXT.splitlines()) + 1}", "not UTF-8",
+                                                   "0xe9"], prep=write_bytes("cfg.yaml", LATIN1_CFG)),
+    Case("ablate: a PNG passed as the grid", "not utf-8", ABLATE, ["g.yaml:1", "not UTF-8", "0x89"],
+         prep=write_bytes("g.yaml", PNG)),
+    Case("run: Latin-1 line in the data", "not utf-8", RUN_TINY + ["--set", "data.dir={T}/lama"],
+         ["{T}/lama/variant.jsonl:7", "not UTF-8"], prep=lama_latin1_line("variant.jsonl", 7)),
+    Case("run: φ metadata not UTF-8", "not utf-8",
+         RUN_TINY + ["--set", "weighting.scheme=train_attention", "--set", "weighting.train_attention.phi={T}/phi"],
+         ["{T}/phi/phi.json:1", "not UTF-8"], prep=phi_dir({"phi.json": PNG, "phi.safetensors": GARBAGE})),
+    Case("report: study.json not UTF-8", "not utf-8", ["report", "{T}/study"], ["{T}/study/study.json:1", "not UTF-8"],
+         prep=write_bytes("study/study.json", b'{"name": "caf\xe9"}')),
+    # --- a key given twice in one YAML mapping ----------------------------------------------------------------
+    Case("run: lr twice", "duplicate key", RUN, [f"cfg.yaml:{LINE_LR + 1} (train.lr)", f"also at line {LINE_LR}"],
+         run_case(RUN_TEXT.replace("  lr: 3.0e-3", "  lr: 3.0e-3\n  lr: 1.0e-3"))),
+    Case("grid: name twice", "duplicate key", ABLATE, ["g.yaml:3 (name)", "duplicate key 'name'", "also at line 1"],
+         grid("name: g\nbase: BASE\nname: h\n")),
+    Case("search: a parameter twice", "duplicate key", TUNE, ["s.yaml:5 (space.train.lr)", "also at line 4"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\n  train.lr: {type: float, low: 0.3, high: 0.4}\n")),
+    # --- requested sizes beyond what exists, empty evaluation sets ---------------------------------------------
+    Case("run: more TO-LEARN facts than exist", "out of range", RUN_TINY + ["--set", "data.to_learn_size=100000"],
+         ["data.to_learn_size", "requested 100000 facts, but only", "TO-LEARN facts exist"]),
+    Case("run: more NOT-TO-FORGET facts than exist", "out of range", RUN_TINY + ["--set", "data.ntf_size=5000"],
+         ["data.ntf_size", "requested 5000 facts, but only", "NOT-TO-FORGET facts exist"]),
+    Case("meta-train: a pool larger than exists", "out of range", META_TRAIN + ["--set", "meta.pool_size=100000"],
+         ["meta.pool_size", "requested 100000 facts", "data.max_doc_tokens filter"]),
+    Case("run: NOT-TO-FORGET empty (a random model tailored on itself)", "empty",
+         RUN_TINY + ["--set", "data.split=tailored"], ["data.split", "NOT-TO-FORGET set is empty", "data.split: release"]),
+    Case("run: TO-LEARN empty after the length filter", "empty", RUN_TINY + ["--set", "data.max_doc_tokens=4"],
+         ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 91
+N_CASES = 104
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
-              "malformed jsonl", "corrupt checkpoint"}
+              "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 
 
 def test_the_table():

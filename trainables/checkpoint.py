@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError
+from .errors import InputError, read_text
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
@@ -114,7 +114,7 @@ def load_loop_checkpoint(directory: Path, trainable: dict[str, torch.nn.Paramete
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(str(directory), f"corrupt checkpoint: {e}") from None
     try:
-        state = json.loads((directory / FILES[3]).read_text())
+        state = json.loads(read_text(directory / FILES[3]))
     except json.JSONDecodeError as e:
         raise InputError(f"{directory / FILES[3]}:{e.lineno}", f"corrupt checkpoint state: {e.msg}") from None
     if set(params) != set(trainable):

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InputError
+from .errors import InputError, read_text
 
 
 class _Strict(BaseModel):
@@ -211,16 +211,25 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that records the line of every mapping key, by key path."""
 
 
-def _compose_lines(node: yaml.Node, path: tuple, lines: dict) -> None:
+def _compose_lines(node: yaml.Node, path: tuple, lines: dict, file: str = "") -> None:
+    """Record the line of every key; a key given twice in one mapping is an error naming both lines
+    (YAML loaders keep the last one silently)."""
     if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
         for k, v in node.value:
             key = k.value
-            lines[path + (key,)] = k.start_mark.line + 1
-            _compose_lines(v, path + (key,), lines)
+            line = k.start_mark.line + 1
+            if key in seen and key != "<<":
+                dotted = ".".join(str(x) for x in path + (key,))
+                raise InputError(f"{file}:{line} ({dotted})",
+                                 f"duplicate key {key!r}: also at line {seen[key]} (a YAML mapping takes each key once)")
+            seen[key] = line
+            lines[path + (key,)] = line
+            _compose_lines(v, path + (key,), lines, file)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             lines[path + (i,)] = v.start_mark.line + 1
-            _compose_lines(v, path + (i,), lines)
+            _compose_lines(v, path + (i,), lines, file)
 
 
 def load_yaml(path: str | Path) -> tuple[dict, dict]:
@@ -228,7 +237,7 @@ def load_yaml(path: str | Path) -> tuple[dict, dict]:
     p = Path(path)
     if not p.is_file():
         raise InputError(str(p), "no such file")
-    text = p.read_text()
+    text = read_text(p)
     try:
         node = yaml.compose(text, Loader=_LineLoader)
         data = yaml.load(text, Loader=_LineLoader)
@@ -242,7 +251,7 @@ def load_yaml(path: str | Path) -> tuple[dict, dict]:
         raise InputError(f"{p}:1", "the file must hold a YAML mapping (key: value lines)")
     lines: dict = {}
     if node is not None:
-        _compose_lines(node, (), lines)
+        _compose_lines(node, (), lines, str(p))
     return data, lines
 
 

@@ -124,8 +124,12 @@ def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
     split = build_split(cfg.data, cfg.model, lama, tokenizer, lambda: base, cfg.eval.batch_size, device,
                         progress=progress)
     if not split.to_learn:
-        raise InputError("data", f"the TO-LEARN set is empty for this model ({split.origin}); "
-                                 "check data.split / data.max_doc_tokens")
+        raise InputError("data.split", f"the TO-LEARN set is empty for this model ({split.origin}); "
+                                       "check data.split / data.max_doc_tokens")
+    if not split.ntf:  # e.g. a random model tailored on itself knows no fact: nothing to measure forgetting on
+        raise InputError("data.split", f"the NOT-TO-FORGET set is empty for this model ({split.origin}): it knows "
+                                       "none of the invariant facts; use data.split: release (the release's scores) "
+                                       "or data.split: file, or a model that knows some facts")
     docs = encode_documents(tokenizer, split.to_learn, cfg.train.max_length)
     to_learn_probes = encode_probes(tokenizer, split.to_learn, cfg.data.task)
     ntf_probes = encode_probes(tokenizer, split.ntf, cfg.data.task)

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import datasets
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from .errors import InputError
+from .errors import InputError, read_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAMA_DIR = REPO_ROOT / "data" / "lama_ckl"
@@ -67,23 +67,22 @@ def read_jsonl_validated(path: Path, schema: type[BaseModel]) -> list[tuple[int,
     if not path.is_file():
         raise InputError(str(path), "data file not found")
     rows = []
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}", f"malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{lineno}", "each line must be a JSON object")
-            try:
-                rows.append((lineno, schema.model_validate(obj)))
-            except ValidationError as e:
-                err = e.errors()[0]
-                fld = ".".join(str(x) for x in err["loc"]) or "?"
-                msg = "missing field" if err["type"] == "missing" else err["msg"]
-                raise InputError(f"{path}:{lineno}", f"field {fld!r}: {msg}") from None
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}", f"malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{lineno}", "each line must be a JSON object")
+        try:
+            rows.append((lineno, schema.model_validate(obj)))
+        except ValidationError as e:
+            err = e.errors()[0]
+            fld = ".".join(str(x) for x in err["loc"]) or "?"
+            msg = "missing field" if err["type"] == "missing" else err["msg"]
+            raise InputError(f"{path}:{lineno}", f"field {fld!r}: {msg}") from None
     if not rows:
         raise InputError(str(path), "file holds no records")
     return rows
@@ -175,6 +174,7 @@ def make_split(lama: LamaCKL, scores: dict[str, float], task: str, origin: str,
     """TO-LEARN = variant facts with accuracy 0; NTF = invariant facts (of the task's file) with
     accuracy 1; Train-Attention pool = any other fact with accuracy < 0.5. ``keep(fact)`` filters
     the trained-on sets (TO-LEARN, pool) before the seeded subsampling."""
+    keep_given = keep is not None
     keep = keep or (lambda f: True)
     inv = lama.facts["invariant_descriptive" if task == "descriptive" else "invariant_schematic"]
     to_learn = [f for f in lama.facts["variant"] if scores.get(f.uuid) == 0.0 and keep(f)]
@@ -183,13 +183,21 @@ def make_split(lama: LamaCKL, scores: dict[str, float], task: str, origin: str,
     pool = [f for f in lama.all_facts()
             if f.uuid not in taken and f.uuid in scores and scores[f.uuid] < 0.5 and keep(f)]
 
-    def sample(xs: list[Fact], n: Optional[int], salt: int) -> list[Fact]:
+    def sample(xs: list[Fact], n: Optional[int], salt: int, key: str, what: str, length_filtered: bool) -> list[Fact]:
         xs = sorted(xs, key=lambda f: f.uuid)
+        # never shrink silently: a table would claim a size it did not run (an empty set is left to the
+        # caller, whose message says which split setting to change)
+        if n is not None and n > len(xs) > 0:
+            note = "; after the data.max_doc_tokens filter" if length_filtered and keep_given else ""
+            raise InputError(key, f"requested {n} facts, but only {len(xs)} {what} exist for this model and "
+                                  f"data ({origin}{note})")
         if n is None or n >= len(xs):
             return xs
         return sorted(random.Random(seed * 1000 + salt).sample(xs, n), key=lambda f: f.uuid)
 
-    return Split(sample(to_learn, to_learn_size, 1), sample(ntf, ntf_size, 2), sample(pool, ta_pool_size, 3),
+    return Split(sample(to_learn, to_learn_size, 1, "data.to_learn_size", "TO-LEARN facts", True),
+                 sample(ntf, ntf_size, 2, "data.ntf_size", "NOT-TO-FORGET facts", False),
+                 sample(pool, ta_pool_size, 3, "meta.pool_size", "Train-Attention pool facts", True),
                  dict(scores), origin)
 
 
@@ -210,7 +218,7 @@ def load_split_file(lama: LamaCKL, path: str | Path) -> Split:
     if not p.is_file():
         raise InputError(str(p), "split file not found (data.split_file)")
     try:
-        obj = json.loads(p.read_text())
+        obj = json.loads(read_text(p))
     except json.JSONDecodeError as e:
         raise InputError(f"{p}:{e.lineno}", f"malformed JSON: {e.msg}") from None
     by_uuid = {f.uuid: f for f in lama.all_facts()}

@@ -13,3 +13,18 @@ class InputError(Exception):
         self.where = where
         self.message = message
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def read_text(path) -> str:
+    """A file the user gave us, decoded as UTF-8; a file that is not UTF-8 text (a binary passed by
+    mistake, a Latin-1 export) is an InputError naming the file, the line and the byte offset."""
+    from pathlib import Path
+
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}", f"not UTF-8 text: byte {e.start} is 0x{raw[e.start]:02x} "
+                                           "(save the file as UTF-8, or check that it is the file you meant)"
+                         ) from None

@@ -411,7 +411,10 @@ def prepare_meta(cfg: MetaConfig, progress=None):
 
         pool = record_facts(cfg.records)
         if cfg.meta.pool_size:
-            pool = random.Random(cfg.seed).sample(pool, min(cfg.meta.pool_size, len(pool)))
+            if cfg.meta.pool_size > len(pool):
+                raise InputError("meta.pool_size", f"requested {cfg.meta.pool_size} facts, but {cfg.records} "
+                                                   f"holds {len(pool)} records")
+            pool = random.Random(cfg.seed).sample(pool, cfg.meta.pool_size)
         split, lama_hash = None, data_hash([Path(cfg.records)])
     else:
         lama = load_lama(cfg.data.dir)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import atomic_directory, write_json_atomic
 from .config import ModelConfig, ParamsConfig, _Strict
-from .errors import InputError
+from .errors import InputError, read_text
 from .loss import prediction_mask
 from .models import load_base_model
 
@@ -133,7 +133,7 @@ def load_phi(directory: str | Path, tokenizer, device="cpu", where: str = "weigh
     if not meta_path.is_file() or not tensors_path.is_file():
         raise InputError(f"{where}: {d}", "not a Train-Attention checkpoint (phi.json + phi.safetensors)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_text(meta_path))
     except json.JSONDecodeError as e:
         raise InputError(f"{meta_path}:{e.lineno}", f"corrupt Train-Attention metadata: {e.msg}") from None
     if isinstance(meta, dict) and meta.get("format") in OLD_FORMATS:
