@@ -214,15 +214,64 @@ def ui(
     port: int = typer.Option(5000, help="Port on 127.0.0.1."),
     host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
 ):
-    """Start the MLflow UI on the study's tracking store (127.0.0.1 unless told otherwise)."""
-    import subprocess
+    """Start the MLflow UI on the study's tracking store (127.0.0.1 unless told otherwise); print the URL of the
+    study's runs, flat (trials visible without expanding the study run) and in the Model-training view."""
+    from urllib.parse import urlencode
 
     from orchestrator.report import study_tracking
 
-    uri, _ = study_tracking(study)
+    uri, name = study_tracking(study)
     console.print(f"MLflow UI on http://{host}:{port} for {uri}", highlight=False, soft_wrap=True)
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                                      "--host", host, "--port", str(port), "--workers", "1"]))
+    exp = None
+    if not uri.startswith(("http://", "https://")):  # a store on disk: its experiment id, without a server
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(uri).get_experiment_by_name(name)
+    if exp is not None:
+        # MLflow's runs table nests child runs under their (collapsed) parent only when sorted by creation time
+        # without a filter; sorted by a metric it lists every run flat. workflowType picks the Model-training view.
+        query = urlencode({"workflowType": "machine_learning", "orderByKey": "metrics.`top_acc`",
+                           "orderByAsc": "false"})
+        console.print(f"Study {name}: http://{host}:{port}/#/experiments/{exp.experiment_id}/runs?{query}",
+                      highlight=False, soft_wrap=True)
+    raise typer.Exit(serve_until_signalled([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                                            "--host", host, "--port", str(port), "--workers", "1"]))
+
+
+def serve_until_signalled(cmd: list[str], grace_s: float = 20.0) -> int:
+    """Run a server in its own process group; SIGTERM / SIGINT to us are forwarded to the whole group
+    (mlflow server starts a uvicorn worker of its own) and we wait for it, so a process manager's `kill`
+    leaves no child behind and the port free."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopping = []
+
+    def forward(signum, _frame):
+        stopping.append(signum)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=grace_s if stopping else None)
+                break
+            except subprocess.TimeoutExpired:  # the server ignored SIGTERM: end it
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        try:  # anything of the group still alive (the server's own workers)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return 0 if stopping else code
 
 
 def _fmt(x) -> str:

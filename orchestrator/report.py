@@ -296,7 +296,26 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
     fig.tight_layout()
     fig.savefig(out_dir / "pareto.png", dpi=120)
     plt.close(fig)
+    if not more:
+        _attach_to_study_run(tracking_uri, experiment, out_dir, md)
     return {"markdown": md, "table": tab, "paired": diffs, "dir": str(out_dir)}
+
+
+def _attach_to_study_run(tracking_uri: str, experiment: str, out_dir: Path, md: str) -> None:
+    """The table on the study's parent run: as artifacts and as the run's description (MLflow shows the
+    ``mlflow.note.content`` tag as Markdown on the run page)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`taalm.role` = 'study'", max_results=1) if exp else []
+    if not parents:
+        return
+    rid = parents[0].info.run_id
+    for f in ("table.md", "table.csv", "paired.csv", "curves.png", "pareto.png"):
+        if (out_dir / f).is_file():
+            client.log_artifact(rid, str(out_dir / f), "report")
+    client.set_tag(rid, "mlflow.note.content", f"# {experiment}\n\n{md}\n"[:7900])  # a tag holds 8000 characters
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -48,7 +48,9 @@ class Study:
         if exp is None:
             artifacts = (study_dir / "mlartifacts").resolve()
             artifacts.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts.as_uri())
+            # the training view of MLflow 3's UI (its default for a new experiment is the GenAI view)
+            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts.as_uri(), tags={
+                "mlflow.experimentKind": "custom_model_development"})
         else:
             self.experiment_id = exp.experiment_id
         found = self.client.search_runs([self.experiment_id], "tags.`taalm.role` = 'study'", max_results=1)

@@ -15,7 +15,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ui_serves_the_study_on_loopback(tmp_path):
+def _answer(port: int, deadline_s: float = 90):
+    body, deadline = None, time.time() + deadline_s
+    while time.time() < deadline and body is None:
+        try:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui_study")
+            body = json.loads(urllib.request.urlopen(req, timeout=5).read())
+        except OSError:
+            time.sleep(1)
+    assert body is not None, f"the MLflow server did not answer within {deadline_s} s"
+    return body
+
+
+def test_ui_serves_the_study_on_loopback_and_stops_cleanly_on_sigterm(tmp_path):
+    """`taalm ui` serves the study on 127.0.0.1, in the training view; a SIGTERM to `taalm ui` alone (what a
+    process manager sends) stops the MLflow server and its workers: no process left, the port free."""
+    import psutil
+
     from orchestrator.tracking import Study, default_tracking_uri
 
     study_dir = tmp_path / "s"
@@ -28,20 +45,23 @@ def test_ui_serves_the_study_on_loopback(tmp_path):
     proc = subprocess.Popen([str(exe), "ui", str(study_dir), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        body = None
-        deadline = time.time() + 90
-        while time.time() < deadline and body is None:
-            try:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui_study")
-                body = json.loads(urllib.request.urlopen(req, timeout=5).read())
-            except OSError:
-                time.sleep(1)
-        assert body is not None, "the MLflow server did not answer within 90 s"
+        body = _answer(port)
         assert body["experiment"]["name"] == "ui_study"
+        tags = {t["key"]: t["value"] for t in body["experiment"].get("tags", [])}
+        assert tags.get("mlflow.experimentKind") == "custom_model_development"  # opens in the training view
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert tree, "the server runs as a child of `taalm ui`"
+        proc.send_signal(__import__("signal").SIGTERM)  # to taalm ui only, not its group
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"left behind: {[p.pid for p in alive]}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # the port is free again
     finally:
         import os
         import signal
 
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
