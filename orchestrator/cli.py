@@ -169,16 +169,16 @@ def resume(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
 ):
     """Resume an interrupted ablation: finished trials are kept, the others continue from their checkpoints."""
-    from orchestrator.report import read_study
+    from orchestrator.specs import StudyRecord
 
-    s = read_study(study)
-    if s.get("kind") != "grid":
+    s = StudyRecord.read(study)
+    if s.kind != "grid" or not s.source or not s.out_root:
         raise InputError(str(study / "study.json"),
                          "only ablation studies (taalm ablate) can be resumed; re-run `taalm tune`")
     from orchestrator.progress import TuneProgress
     from orchestrator.study import run_ablation
 
-    _report_study(run_ablation(s["grid"], s["overrides"], s["out_root"], address, s["tracking_uri"],
+    _report_study(run_ablation(s.source, s.overrides, s.out_root, address, s.tracking_uri,
                                progress=TuneProgress(), num_cpus=num_cpus, resume=True))
 
 
@@ -194,14 +194,15 @@ def report(
                                                  "(default: the grid's `reference`, else Finetune)."),
 ):
     """Build the table (Markdown, CSV, Parquet), paired differences, curves and Pareto plot from MLflow."""
-    from orchestrator.report import read_study, write_report
+    from orchestrator.report import write_report
+    from orchestrator.specs import StudyRecord
 
     if tracking_uri and experiment:
         sources = [(tracking_uri, experiment)]
     else:
-        records = [read_study(s) for s in studies]
-        sources = [(r["tracking_uri"], r["name"]) for r in records]
-        reference = reference or records[0].get("reference")
+        records = [StudyRecord.read(s) for s in studies]
+        sources = [(r.tracking_uri, r.name) for r in records]
+        reference = reference or records[0].reference
     rep = write_report(*sources[0], out or studies[0] / "report", reference, more=sources[1:])
     print(rep["markdown"])
     console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, paired.csv, curves.png, "
@@ -335,18 +336,17 @@ def data_tailor(
     cfg = load_config(None, overrides + list(set_ or []))
     if ta_pool_size is not None and ta_pool_size < 1:
         raise InputError("--ta-pool-size", "must be >= 1")
-    from trainables.continual import resolve_device
     from trainables.data import load_lama
-    from trainables.models import load_base_model, load_tokenizer
     from trainables.tailor import build_split, write_split
+    from trainables.theta import build_theta, resolve_device
 
     lama = load_lama(cfg.data.dir)
-    tok = load_tokenizer(cfg.model)
     device = resolve_device(cfg.device)
+    theta = build_theta(cfg.model, None, device, cfg.seed)  # the base model only: nothing trains
     with Progress(TextColumn("scoring facts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as prog:
         t = prog.add_task("score", total=None)
-        split = build_split(cfg.data, cfg.model, lama, tok, lambda: load_base_model(cfg.model, tok).to(device),
+        split = build_split(cfg.data, cfg.model, lama, theta.tokenizer, lambda: theta.model,
                             cfg.eval.batch_size, device, ta_pool_size,
                             progress=lambda done, total: prog.update(t, completed=done, total=total))
     write_split(split, out, lama, cfg.data.task)

@@ -21,7 +21,7 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -31,22 +31,7 @@ from trainables.config import (RunConfig, apply_overrides, config_to_dict, flatt
                                validate)
 from trainables.errors import InputError
 
-
-class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    workers: int = Field(1, ge=1)  # Ray Train workers per trial (data parallel)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    max_concurrent: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=0)  # retries of a failed trial
-    time_budget_s: Optional[float] = Field(None, gt=0)  # a trial running longer fails (checked every step)
-    torch_threads: int = Field(1, ge=1)
-    # CPUs (and torch threads) of the meta-training stage's single worker; default: what the grid
-    # uses at once (cpus_per_worker x workers x max_concurrent), since the stage runs alone
-    meta_cpus: Optional[float] = Field(None, gt=0)
-
-    def meta_cpu_count(self) -> float:
-        return self.meta_cpus or self.cpus_per_worker * self.workers * self.max_concurrent
+from .specs import Resources
 
 
 class MetaStage(BaseModel):
@@ -106,10 +91,6 @@ class Trial:
     overrides: dict[str, Any]  # the axis values of this trial (dotted keys)
     config: RunConfig
     needs_phi: bool = False
-    extra: dict = field(default_factory=dict)
-
-    def params(self) -> dict[str, Any]:
-        return {"label": self.label, "seed": self.seed, **{k: v for k, v in self.overrides.items()}}
 
 
 def _set(d: dict, dotted: str, value) -> None:

@@ -13,9 +13,9 @@ def _console():
 
 class TuneProgress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        t = trial.config.get("t", {"trial_key": trial.trial_id, "run": {"seed": "-"}})
+        t = trial.config.get("t", {"trial_key": trial.trial_id, "config": {"seed": "-"}})
         if "epoch" in result:
-            _console().print(f"  {t.get('label', t['trial_key'])} (seed {t['run']['seed']}) epoch {result['epoch']}: "
+            _console().print(f"  {t.get('label', t['trial_key'])} (seed {t['config'].get('seed', '-')}) epoch {result['epoch']}: "
                              f"TO-LEARN {result['to_learn_acc']:.3f}  NTF {result['ntf_acc']:.3f}", highlight=False)
         elif "val_acc" in result:
             _console().print(f"  meta-training step {result['step']}: validation acc {result['val_acc']:.3f}",

@@ -13,6 +13,17 @@ TW_HEADERS = ("CHANGED ppl (avg)", "UNCHANGED ppl (avg)")
 COLUMNS = LAMA_COLUMNS + TW_COLUMNS
 
 
+def study_protocol(tracking_uri: str, experiment: str) -> str:
+    """The protocol of a study (``lama_ckl`` / ``temporalwiki``), from its parent run's ``taalm.protocol`` tag
+    (stores written before that tag existed: ``lama_ckl``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`taalm.role` = 'study'", max_results=1) if exp else []
+    return runs[0].data.tags.get("taalm.protocol", "lama_ckl") if runs else "lama_ckl"
+
+
 def collect(tracking_uri: str, experiment: str) -> list[dict]:
     """One row per finished or failed trial run of the experiment (the study's children)."""
     from mlflow.tracking import MlflowClient
@@ -186,7 +197,7 @@ def table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(tab: list[dict]) -> str:
+def markdown(tab: list[dict], protocol: str = "lama_ckl") -> str:
     def cell(e, k):
         m, s = e[k], e[k + "_std"]
         if m != m:
@@ -195,8 +206,7 @@ def markdown(tab: list[dict]) -> str:
             return f"{m:.2f} ± {s:.2f}"
         return f"{m:.1f} ± {s:.1f}" if k == "top_epoch" else f"{m:.4f} ± {s:.4f}"
 
-    tw = bool(tab) and all(e["top_acc"] != e["top_acc"] and e["avg_changed_ppl"] == e["avg_changed_ppl"]
-                           for e in tab)
+    tw = protocol == "temporalwiki"
     cols, headers = (TW_COLUMNS, TW_HEADERS) if tw else (LAMA_COLUMNS, LAMA_HEADERS)
     lines = ["| method | " + " | ".join(headers) + " | seeds | failed |",
              "|---|" + "---|" * (len(headers) + 2)]
@@ -230,8 +240,14 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
     import pyarrow.parquet as pq
 
     rows = collect(tracking_uri, experiment)
+    protocol = study_protocol(tracking_uri, experiment)
     seen = {(r["label"], r["seed"]): experiment for r in rows}
     for uri, name in more:
+        if study_protocol(uri, name) != protocol:
+            from trainables.errors import InputError
+
+            raise InputError(f"{uri} ({name})", f"a {study_protocol(uri, name)} study cannot join a {protocol} "
+                                                "study's table")
         for r in collect(uri, name):
             if (r["label"], r["seed"]) in seen:
                 from trainables.errors import InputError
@@ -250,7 +266,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
                                         f"(methods: {', '.join(e['method'] for e in tab)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     diffs = paired_differences(rows, reference)
-    md = markdown(tab) + paired_markdown(diffs) + failures(rows)
+    md = markdown(tab, protocol) + paired_markdown(diffs) + failures(rows)
     (out_dir / "table.md").write_text(md + "\n")
     t = pa.Table.from_pylist(tab)
     pacsv.write_csv(t, out_dir / "table.csv")
@@ -261,7 +277,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
         pacsv.write_csv(pa.Table.from_pylist([{k: v for k, v in d.items() if k != "facts"} for d in diffs]),
                         out_dir / "paired.csv")
 
-    tw = not any(r["curves"].get("to_learn_acc") for r in rows) and any(r["curves"].get("changed_ppl") for r in rows)
+    tw = protocol == "temporalwiki"
     names = ("changed_ppl", "unchanged_ppl") if tw else ("to_learn_acc", "ntf_acc")
     titles = ("CHANGED perplexity", "UNCHANGED perplexity") if tw else ("TO-LEARN accuracy", "NOT-TO-FORGET accuracy")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=not tw)
@@ -298,7 +314,7 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
     plt.close(fig)
     if not more:
         _attach_to_study_run(tracking_uri, experiment, out_dir, md)
-    return {"markdown": md, "table": tab, "paired": diffs, "dir": str(out_dir)}
+    return {"markdown": md, "table": tab, "paired": diffs, "dir": str(out_dir), "protocol": protocol}
 
 
 def _attach_to_study_run(tracking_uri: str, experiment: str, out_dir: Path, md: str) -> None:
@@ -324,27 +340,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
             if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)]
 
 
-def read_study(study_dir: Path) -> dict:
-    """The study.json of a study directory (written by `taalm ablate` / `taalm tune`), checked."""
-    import json
-
-    from trainables.errors import InputError, read_text
-
-    f = Path(study_dir) / "study.json"
-    if not f.is_file():
-        raise InputError(str(study_dir), "not a study directory (no study.json): run `taalm ablate` first")
-    try:
-        s = json.loads(read_text(f))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{f}:{e.lineno}", f"corrupt study file: {e.msg}") from None
-    missing = [k for k in ("name", "tracking_uri") if not isinstance(s, dict) or not isinstance(s.get(k), str)]
-    if missing:
-        raise InputError(str(f), f"corrupt study file: missing {', '.join(missing)}")
-    return s
-
-
 def study_tracking(study_dir: Path) -> tuple[str, str]:
-    s = read_study(study_dir)
-    return s["tracking_uri"], s["name"]
+    from .specs import StudyRecord
 
-
+    s = StudyRecord.read(study_dir)
+    return s.tracking_uri, s.name

@@ -20,18 +20,17 @@ front), optional ASHA pruning on the per-epoch TO-LEARN accuracy.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainables.checkpoint import write_json_atomic
 from trainables.config import RunConfig, apply_overrides, config_to_dict, load_yaml, validate
 from trainables.errors import InputError
 
-from .grid import Resources, load_base
+from .grid import load_base
+from .specs import Resources, StudyRecord, TrialSpec
 
 
 class Param(BaseModel):
@@ -160,18 +159,15 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> tuple[S
     return spec, base
 
 
-def search_driver(config: dict, base: dict, spec_json: dict, storage_path: str) -> None:
-    """Tune trainable for searches: Optuna's sample -> a validated trial -> the same trial driver as grids."""
+def search_driver(config: dict, base: dict, resources: dict, storage_path: str) -> None:
+    """Tune trainable for searches: Optuna's sample -> a validated trial -> the same trial runner as grids."""
     from ray import tune
 
-    from .ray_trainables import trial_driver
+    from .ray_trainables import run_trial
 
-    spec = SearchSpec.model_validate(spec_json)
-    cfg = _trial_config(base, config)
-    trial_driver({"t": {"kind": "continual", "trial_key": tune.get_context().get_trial_id(),
-                        "label": label_of(config), "run": config_to_dict(cfg),
-                        "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
-                        "storage_path": storage_path}})
+    run_trial(TrialSpec(kind="continual", trial_key=tune.get_context().get_trial_id(), label=label_of(config),
+                        config=config_to_dict(_trial_config(base, config)),
+                        resources=Resources.model_validate(resources), storage_path=storage_path))
 
 
 def label_of(sampled: dict) -> str:
@@ -186,6 +182,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from .ray_trainables import trial_resources
     from .study import init_ray
     from .tracking import MlflowTrials, Study, default_tracking_uri
 
@@ -193,8 +190,8 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
-    write_json_atomic(study_dir / "study.json", {"search": str(Path(path).resolve()), "overrides": overrides or [],
-                                                 "tracking_uri": uri, "name": spec.name, "kind": "search"})
+    StudyRecord(kind="search", name=spec.name, source=str(Path(path).resolve()), overrides=overrides or [],
+                tracking_uri=uri, out_root=str(Path(out_root).resolve())).write(study_dir)
     init_ray(address, num_cpus)
     study = Study(uri, spec.name, study_dir)
     metrics = [o.metric for o in spec.objectives]
@@ -217,11 +214,12 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
 
     storage = str((study_dir / "train").resolve())
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(search_driver, base=base, spec_json=spec.model_dump(mode="json"),
+        tune.with_resources(tune.with_parameters(search_driver, base=base,
+                                                 resources=spec.resources.model_dump(mode="json"),
                                                  storage_path=storage),
-                            tune.PlacementGroupFactory([{"CPU": 0, "memory": 1024 ** 2}])),
+                            trial_resources(spec.resources)),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.resources.max_concurrent),
+                                    max_concurrent_trials=spec.resources.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name, storage_path=str((study_dir / "tune").resolve()),
                                   callbacks=[MlflowTrials(study, {}, describe=describe)]
                                   + ([progress] if progress else []),
@@ -231,5 +229,4 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     failed = sum(1 for r in results if r.error)
     study.finish()
     return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name,
-            "trials": len(results), "failed": failed,
-            "spec_hash": hashlib.sha256(json.dumps(spec.model_dump(mode="json")).encode()).hexdigest()[:10]}
+            "trials": len(results), "failed": failed}

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainables.checkpoint import write_json_atomic
 from trainables.config import config_to_dict
 
 from .grid import GridSpec, Trial, load_grid
+from .specs import StudyRecord, TrialSpec
 from .tracking import MlflowTrials, Study, default_tracking_uri
 
 
@@ -90,27 +90,29 @@ def _seed_phi_cache(src: Path, d: Path) -> None:
             shutil.copy2(src / f, d / f)
 
 
-def _tune(trial_dicts: list[dict], info: dict, study: Study, name: str, study_dir: Path, spec: GridSpec,
+def _tune(specs: list[TrialSpec], info: dict, study: Study, name: str, study_dir: Path, spec: GridSpec,
           progress: Optional[Callable] = None, resume: bool = False):
     from ray import tune
 
-    from .ray_trainables import trial_driver
+    from .ray_trainables import trial_driver, trial_resources
 
     callbacks: list = [MlflowTrials(study, info)]
     if progress is not None:
         callbacks.append(progress)
-    # the driver only waits for its Ray Train run: it holds no CPU (a token of memory keeps the bundle non-empty)
-    trainable = tune.with_resources(trial_driver, tune.PlacementGroupFactory([{"CPU": 0, "memory": 1024 ** 2}]))
+    trainable = tune.with_resources(trial_driver, trial_resources(specs[0].resources, specs[0].kind))
+    param_space = {"t": tune.grid_search([s.model_dump(mode="json") for s in specs])}
     path = (study_dir / "tune" / name).resolve()
     if resume and tune.Tuner.can_restore(str(path)):
-        # finished trials are kept; unfinished and errored ones run again, each Ray Train run restoring
-        # from its own latest checkpoint (same run name and storage path)
+        # finished trials are kept; unfinished and errored ones run again from their latest checkpoint
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space={"t": tune.grid_search(trial_dicts)}).fit()
+                                  param_space=param_space).fit()
     tuner = tune.Tuner(
         trainable,
-        param_space={"t": tune.grid_search(trial_dicts)},
+        param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent,
+                                    # a finished trial's process takes the next trial: no new process, no
+                                    # re-import, the base weights already loaded (lean trials)
+                                    reuse_actors=True,
                                     trial_dirname_creator=lambda t: f"{t.config['t']['trial_key']}"),
         run_config=tune.RunConfig(name=name, storage_path=str((study_dir / "tune").resolve()), callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
@@ -139,7 +141,7 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
         key = "meta-" + hashlib.sha256(json.dumps([cfg, data_hash], sort_keys=True).encode()).hexdigest()[:10]
         d = phi_cache_dir({"cfg": cfg, "data_hash": data_hash})
         phis[seed] = str(d / "phi")
-        info[key] = {"run_name": f"meta-train seed {seed}", "role": "meta", "params": flatten_meta(cfg),
+        info[key] = {"run_name": f"meta-train seed {seed}", "role": "meta", "params": {"meta": cfg},
                      "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}
         shipped = None if retrain or (d / "phi" / "phi.json").is_file() else shipped_phi(cfg, data_hash)
         if shipped is not None:
@@ -150,20 +152,16 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
                     study.client.log_artifact(study.parent_id, str(shipped / f), f"phi_seed{seed}")
         if retrain or not (d / "phi" / "phi.json").is_file():
             cpus = spec.resources.meta_cpu_count()
-            todo.append({"kind": "meta", "trial_key": key, "meta": cfg, "phi_dir": str(d),
-                         "resources": dict(spec.resources.model_dump(), workers=1, cpus_per_worker=cpus),
-                         "torch_threads": max(1, int(cpus)),
-                         "storage_path": str((study_dir / "train").resolve())})
+            todo.append(TrialSpec(kind="meta", trial_key=key, label=f"meta-train seed {seed}", config=cfg,
+                                  phi_dir=str(d), storage_path=str((study_dir / "train").resolve()),
+                                  resources=spec.resources.model_copy(update={
+                                      "workers": 1, "cpus_per_worker": cpus, "torch_threads": max(1, int(cpus))})))
     if todo:
         results = _tune(todo, info, study, f"{spec.name}-meta", study_dir, spec, progress, resume)
         errors = [r.error for r in results if r.error]
         if errors:
             raise RuntimeError(f"meta-training failed: {errors[0]}")
     return phis
-
-
-def flatten_meta(cfg: dict) -> dict:
-    return {"meta": cfg}
 
 
 def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
@@ -176,13 +174,12 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
-    write_json_atomic(study_dir / "study.json", {
-        "kind": "grid", "grid": str(Path(grid_path).resolve()), "overrides": overrides or [], "tracking_uri": uri,
-        "out_root": str(Path(out_root).resolve()),
-        "name": spec.name, "reference": spec.reference,
-        "trials": [{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]})
+    StudyRecord(kind="grid", protocol=spec.protocol, name=spec.name, source=str(Path(grid_path).resolve()),
+                overrides=overrides or [], tracking_uri=uri, out_root=str(Path(out_root).resolve()),
+                reference=spec.reference,
+                trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
     init_ray(address, num_cpus)
-    study = Study(uri, spec.name, study_dir)
+    study = Study(uri, spec.name, study_dir, spec.protocol)
     if meta_cfg is not None:
         phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi)
         for t in trials:
@@ -190,18 +187,17 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 phi = phis.get(t.seed, next(iter(phis.values())))
                 t.config = t.config.model_copy(update={"weighting": t.config.weighting.model_copy(
                     update={"train_attention": t.config.weighting.train_attention.model_copy(update={"phi": phi})})})
-    info, dicts = {}, []
+    info, specs = {}, []
     for order, t in enumerate(trials):
         cfg = config_to_dict(t.config)
         info[t.key] = {"run_name": f"{t.label} seed {t.seed}", "role": "trial", "config": cfg,
                        "params": {"label": t.label, "seed": t.seed, "config": cfg},
                        "tags": {"taalm.label": t.label, "taalm.seed": t.seed, "taalm.order": order}}
-        dicts.append({"kind": "temporalwiki" if spec.protocol == "temporalwiki" else "continual",
-                      "trial_key": t.key, "label": t.label, "run": cfg,
-                      "resources": spec.resources.model_dump(), "torch_threads": spec.resources.torch_threads,
-                      "storage_path": str((study_dir / "train").resolve()), "inject_fault": faults.get(t.label)})
-    results = _tune(dicts, info, study, spec.name, study_dir, spec, progress, resume)
+        specs.append(TrialSpec(kind="temporalwiki" if spec.protocol == "temporalwiki" else "continual",
+                               trial_key=t.key, label=t.label, config=cfg, resources=spec.resources,
+                               storage_path=str((study_dir / "train").resolve()), inject_fault=faults.get(t.label)))
+    results = _tune(specs, info, study, spec.name, study_dir, spec, progress, resume)
     failed = [r for r in results if r.error]
-    study.finish("FAILED" if failed and len(failed) == len(dicts) else "FINISHED")
-    return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name, "trials": len(dicts),
+    study.finish("FAILED" if failed and len(failed) == len(specs) else "FINISHED")
+    return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name, "trials": len(specs),
             "failed": len(failed), "reference": spec.reference}

@@ -7,11 +7,9 @@ already logged are not logged twice (a resumed study neither loses nor duplicate
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from ray import tune
 
@@ -39,11 +37,23 @@ def code_version() -> str:
 class Study:
     """The MLflow side of a study: experiment and parent run, created once and found again."""
 
-    def __init__(self, tracking_uri: str, name: str, study_dir: Path):
+    def __init__(self, tracking_uri: str, name: str, study_dir: Path, protocol: str = "lama_ckl"):
         from mlflow.tracking import MlflowClient
 
         self.uri, self.name, self.dir = tracking_uri, name, study_dir
-        self.client = MlflowClient(tracking_uri)
+        lock = None
+        if tracking_uri.startswith("sqlite:///"):
+            # studies opening a new sqlite store at the same time race on MLflow's schema creation (alembic:
+            # "Online migration expected to match one row ... 0 found"): one creates it, the others wait
+            import fcntl
+
+            lock = open(tracking_uri[len("sqlite:///"):].split("?")[0] + ".lock", "a")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            self.client = MlflowClient(tracking_uri)
+        finally:
+            if lock is not None:
+                lock.close()  # releases the lock
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             artifacts = (study_dir / "mlartifacts").resolve()
@@ -59,7 +69,7 @@ class Study:
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
             self.parent_id = self.client.create_run(self.experiment_id, run_name=name, tags={
-                "taalm.role": "study", "taalm.code_version": code_version()}).info.run_id
+                "taalm.role": "study", "taalm.protocol": protocol, "taalm.code_version": code_version()}).info.run_id
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment state: keep ids, rebuild the client on load
@@ -146,6 +156,7 @@ class MlflowTrials(tune.Callback):
                     pf[name][step] = result["per_fact"][name]
         if isinstance(result.get("node_id"), str) and step == 0:
             self.study.client.set_tag(rid, "taalm.node_id", result["node_id"])
+            self.study.client.set_tag(rid, "taalm.pid", str(result.get("pid")))
         if result.get("start_epoch") and step == result["start_epoch"]:
             # the first epoch of an attempt that continued from a checkpoint (a retry or `taalm resume`)
             self.study.client.set_tag(rid, "taalm.resumed_from_epoch", str(result["start_epoch"] - 1))
@@ -257,7 +268,3 @@ def learning_curve_figure(curves: dict[str, dict[int, float]], title: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str)

@@ -128,7 +128,9 @@ def lama_latin1_line(name: str, lineno: int):
         lines = p.read_bytes().split(b"\n")
         rec = json.loads(lines[lineno - 1])
         rec["subject"] = rec["subject"] + " caf\u00e9"
-        lines[lineno - 1] = json.dumps(rec, ensure_ascii=False).encode("latin-1")
+        # every other non-ASCII character stays a \u escape (the line may hold an en dash, which Latin-1
+        # cannot encode); only the é becomes the single Latin-1 byte 0xE9, which is not UTF-8
+        lines[lineno - 1] = json.dumps(rec).replace("caf\\u00e9", "caf\u00e9").encode("latin-1")
         p.write_bytes(b"\n".join(lines))
     return prep
 
@@ -202,7 +204,9 @@ CASES = [
     # --- wrong types ---------------------------------------------------------------------------------------
     Case("run: string for a number", "wrong type", RUN, [f"cfg.yaml:{LINE_LR} (train.lr)", "number"],
          run_case(RUN_TEXT.replace("  lr: 3.0e-3", "  lr: fast"))),
-    Case("run: enum value", "wrong type", RUN, [f"cfg.yaml:{line_of(RUN_TEXT, '  kind:')} (params.kind)", "'lora'"],
+    Case("run: unknown parameterisation", "unknown name", RUN,
+         [f"cfg.yaml:{line_of(RUN_TEXT, '  kind:')} (params.kind)", "unknown parameterisation 'adapters'",
+          "full, kadapter, lora, qlora"],
          run_case(RUN_TEXT.replace("  kind: full", "  kind: adapters"))),
     Case("run: --set device", "wrong type", RUN_TINY + ["--set", "device=tpu"], ["--set device", "auto, cpu, cuda"]),
     Case("run: --set without =", "wrong type", RUN_TINY + ["--set", "train.lr"], ["--set train.lr", "dotted.key=value"]),
@@ -251,8 +255,8 @@ CASES = [
     Case("tailor: pool size 0", "out of range", ["data", "tailor", "--model", "tiny", "--out", "{T}/t",
                                                  "--ta-pool-size", "0"], ["--ta-pool-size"]),
     Case("run: RecAdam pull overshoots", "out of range",
-         RUN_TINY + ["--set", "regularizer.kind=recadam", "--set", "regularizer.recadam.gamma=5000"],
-         ["regularizer"]),
+         RUN_TINY + ["--set", "regularizer.kind=recadam", "--set", "regularizer.recadam.pretrain_coef=5000"],
+         ["--set regularizer.recadam.pretrain_coef", "pretrain_coef × train.lr must be < 2", "5000 × 0.003 = 15"]),
     Case("ablate: fault injection for an unknown label", "unknown name",
          ["ablate", str(SMOKE), "--out", "{T}/studies"], ["TAALM_INJECT_FAULT=1:Finetun", "Finetune, Oracle"],
          env={"TAALM_INJECT_FAULT": "1:Finetun"}),

@@ -10,7 +10,7 @@ from trainables.config import RecAdamOptions
 from trainables.continual import continual_update, prepare_run
 from trainables.errors import InputError
 from trainables.regularizers import RecAdam, anneal_lambda
-from trainables.replay import attention_distillation, margin_loss
+from trainables.replay import attention_distillation, build_replay
 
 
 def test_recadam_schedule_values():
@@ -71,14 +71,14 @@ def test_kadapter_leaves_base_weights_bit_identical(tiny_cfg):
 
 
 def test_kadapter_starts_at_the_base_model(tiny_cfg, tokenizer):
-    from trainables.models import apply_params, load_base_model
+    from trainables.theta import build_theta
 
     cfg = tiny_cfg("params.kind=kadapter")
     ids = tokenizer(["Lyon is in France ."], return_tensors="pt")
-    base = load_base_model(cfg.model, tokenizer)
-    ref = base(**ids).logits.detach().clone()
-    adapted = apply_params(base, cfg.params)
-    assert torch.equal(adapted(**ids).logits, ref)  # up-projections start at zero
+    base = build_theta(cfg.model, None, torch.device("cpu"), tokenizer=tokenizer).model
+    adapted = build_theta(cfg.model, cfg.params, torch.device("cpu"), tokenizer=tokenizer).model
+    assert any("taalm_adapters" in k for k, _ in adapted.named_parameters())
+    assert torch.equal(adapted(**ids).logits, base(**ids).logits)  # up-projections start at zero
 
 
 def test_mix_review_batch_composition_and_disjoint_pool(tiny_cfg):
@@ -104,11 +104,33 @@ def test_replay_pool_from_a_user_file(tiny_cfg, tmp_path):
         prepare_run(tiny_cfg("replay.kind=mix_review", f"replay.pool={p}"))
 
 
-def test_gere_margin_loss_is_zero_inside_the_threshold():
-    h_ref = torch.zeros(2, 3, 4)
-    assert margin_loss(h_ref + 0.05, h_ref, 0.1).item() == 0.0
-    assert margin_loss(h_ref - 0.1, h_ref, 0.1).item() == 0.0
-    assert margin_loss(h_ref + 0.3, h_ref, 0.1).item() == pytest.approx(0.2)
+def test_gere_loss_is_zero_inside_the_threshold():
+    """GeRe's extra loss as train_step calls it (``extra_loss(run, out, batch)``), on crafted hidden states of a
+    batch with one new and two replayed documents (one padded): the threshold-margin penalty is 0 while every
+    feature stays within τ of the frozen model's, else the mean excess over real tokens; padding and the new
+    document never count."""
+    from types import SimpleNamespace
+
+    from trainables.config import ReplayConfig
+
+    h_ref = torch.zeros(2, 5, 4)  # the frozen model's last hidden states on the two replayed documents
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": mask,
+             "replay_rows": torch.tensor([False, True, True])}
+    run = SimpleNamespace(reference=lambda ids, m, hidden=False, attentions=False: SimpleNamespace(
+        hidden_states=(h_ref, h_ref), logits=None))
+
+    def loss(shift: float, **opts) -> float:
+        h = torch.full((3, 5, 4), shift)
+        h[0] = 50.0  # the new document: not constrained
+        h[2, 3:] = 50.0  # padding of the second replayed document: not counted
+        gere = build_replay(ReplayConfig(kind="gere", gere={"threshold": 0.1, **opts}), seed=0)
+        return gere.extra_loss(run, SimpleNamespace(hidden_states=(h, h), logits=None), batch).item()
+
+    assert loss(0.05) == 0.0 and loss(-0.1) == 0.0
+    assert loss(0.3) == pytest.approx(0.2) and loss(-0.3) == pytest.approx(0.2)
+    assert loss(0.3, coef=2.0) == pytest.approx(0.4)
+    assert loss(0.3, loss="l2") == pytest.approx(0.09) and loss(0.3, loss="l1") == pytest.approx(0.3)
 
 
 def test_seekr_only_selected_heads_enter_the_distillation():

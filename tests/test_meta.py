@@ -11,7 +11,7 @@ from trainables.data import load_lama
 from trainables.errors import InputError
 from trainables.meta import (Inner, MetaConfig, MetaOptions, epoch_order, make_example, meta_gradient, meta_steps,
                              meta_train, weight_focus)
-from trainables.models import apply_params, load_base_model, trainable_parameters
+from trainables.theta import build_theta
 from trainables.train_attention import PhiConfig, build_phi, load_phi, phi_trainable
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,9 @@ def f64_model(tokenizer, tmp_path_factory):
 def f64_setup(tokenizer, f64_model):
     F64_TINY = f64_model
     torch.manual_seed(0)
-    theta = apply_params(load_base_model(F64_TINY, tokenizer), ParamsConfig(kind="full")).eval()
-    theta0 = {k: v.detach().clone() for k, v in trainable_parameters(theta).items()}
+    built = build_theta(F64_TINY, ParamsConfig(kind="full"), torch.device("cpu"), seed=0, tokenizer=tokenizer)
+    theta = built.model.eval()
+    theta0 = {k: v.detach().clone() for k, v in built.trainable.items()}
     for p in theta.parameters():
         p.requires_grad_(False)
     phi = build_phi(PhiConfig(params={"kind": "full"}, head_init="normal", head_weight_std=0.3,

@@ -66,21 +66,29 @@ def test_ablate_end_to_end(ray_local, tmp_path, capsys):
         assert (tmp_path / "smoke_tiny" / "report" / f).is_file()
 
 
-def test_two_workers_match_one_worker(ray_local, tmp_path):
+def test_trial_paths_agree(ray_local, tmp_path):
+    """One trial's metrics do not depend on how it runs: lean (inside its Tune process, the default for one
+    worker; here two trials in turn in one warm process, the second with the kept base weights) equals a Ray
+    Train run of one worker exactly, and a Ray Train run of two data-parallel workers up to float summation."""
     from orchestrator.study import run_ablation
 
-    curves = {}
-    for workers in (1, 2):
-        name = f"ddp{workers}"
-        r = run_ablation(GRID, [f"name={name}", "axes={weighting.scheme: [uniform]}", f"resources.workers={workers}",
-                                "resources.max_concurrent=1", "overrides={train.epochs: 2, train.batch_size: 4}"],
-                         out_root=tmp_path)
+    curves, pids = {}, {}
+    for name, workers, lean, schemes in (("lean1", 1, True, "[oracle, uniform]"), ("train1", 1, False, "[oracle, uniform]"),
+                                         ("train2", 2, False, "[uniform]")):
+        r = run_ablation(GRID, [f"name={name}", f"axes={{weighting.scheme: {schemes}}}", f"resources.workers={workers}",
+                                f"resources.lean={lean}", "resources.max_concurrent=1",
+                                "overrides={train.epochs: 2, train.batch_size: 4}"], out_root=tmp_path)
         assert r["failed"] == 0
         c, runs = _runs(r["tracking_uri"], name)
-        trial = next(x for x in runs if x.data.tags.get("taalm.role") == "trial")
-        curves[workers] = {k: [m.value for m in c.get_metric_history(trial.info.run_id, k)]
-                           for k in ("train_loss", "to_learn_acc", "ntf_acc", "mean_weight")}
-    one, two = curves[1], curves[2]
-    assert len(one["train_loss"]) == 2  # epochs 1 and 2 (epoch 0 has no loss)
+        for trial in (x for x in runs if x.data.tags.get("taalm.role") == "trial"):
+            label = trial.data.tags["taalm.label"]
+            curves[name, label] = {k: [m.value for m in c.get_metric_history(trial.info.run_id, k)]
+                                   for k in ("train_loss", "to_learn_acc", "ntf_acc", "mean_weight")}
+            pids[name, label] = trial.data.tags["taalm.pid"]
+    assert pids["lean1", "Finetune"] == pids["lean1", "Oracle"]  # the second trial reused the first one's process
+    for label in ("Finetune", "Oracle"):
+        assert len(curves["lean1", label]["train_loss"]) == 2  # epochs 1 and 2 (epoch 0 has no loss)
+        assert curves["lean1", label] == curves["train1", label]
+    one, two = curves["train1", "Finetune"], curves["train2", "Finetune"]
     assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-4)
     assert one["to_learn_acc"] == two["to_learn_acc"] and one["ntf_acc"] == two["ntf_acc"]

@@ -14,6 +14,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError, read_text
+from .registry import PARAMETERISATIONS, REGULARIZERS, REPLAYS, SCHEMES
+
+
+class ConfigKeyError(ValueError):
+    """A validation error about a key other than the one being validated (a model-level rule): ``loc`` is that
+    key's path, so the message names it with its file:line or --set."""
+
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc = loc
 
 
 class _Strict(BaseModel):
@@ -45,12 +55,17 @@ class KAdapterOptions(_Strict):
 class ParamsConfig(_Strict):
     """Which parameters of θ train (the parameterisation axis)."""
 
-    kind: Literal["lora", "full", "qlora", "kadapter"] = "lora"
+    kind: str = "lora"  # a name of trainables.registry.PARAMETERISATIONS: lora, qlora, full, kadapter
     r: int = Field(64, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     target_modules: Union[str, list[str]] = "all-linear"
     kadapter: KAdapterOptions = KAdapterOptions()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return PARAMETERISATIONS.check(v)
 
 
 class DataConfig(_Strict):
@@ -104,18 +119,13 @@ class WeightingConfig(_Strict):
     @field_validator("scheme")
     @classmethod
     def _known_schemes(cls, v):
-        from .weighting import SCHEMES  # late import: weighting imports torch
-
         for name in scheme_names(v):
-            if name not in SCHEMES:
-                raise ValueError(f"unknown weighting scheme {name!r}; known: {', '.join(SCHEMES.names())}")
+            SCHEMES.check(name)
         return v
 
     @field_validator("random")
     @classmethod
     def _known_match(cls, v):
-        from .weighting import SCHEMES
-
         if v.match is not None and (v.match not in SCHEMES or v.match == "random"):
             raise ValueError(f"random.match must name another scheme; known: {', '.join(SCHEMES.names())}")
         return v
@@ -137,8 +147,13 @@ class RecAdamOptions(_Strict):
 
 
 class RegularizerConfig(_Strict):
-    kind: Literal["none", "recadam"] = "none"
+    kind: str = "none"  # a name of trainables.registry.REGULARIZERS: none, recadam
     recadam: RecAdamOptions = RecAdamOptions()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return REGULARIZERS.check(v)
 
 
 class GeReOptions(_Strict):
@@ -156,7 +171,7 @@ class SeekrOptions(_Strict):
 
 
 class ReplayConfig(_Strict):
-    kind: Literal["none", "mix_review", "gere", "seekr"] = "none"
+    kind: str = "none"  # a name of trainables.registry.REPLAYS: none, mix_review, gere, seekr
     # disjoint: evidence of LAMA facts outside TO-LEARN and NOT-TO-FORGET; ntf: the release's (leaky)
     # choice, replaying the NOT-TO-FORGET evidence itself; or a JSONL file with a `text` field per line
     pool: str = "disjoint"
@@ -164,6 +179,11 @@ class ReplayConfig(_Strict):
     size: Optional[int] = Field(None, ge=1)  # buffer size (seeded subsample of the pool)
     gere: GeReOptions = GeReOptions()
     seekr: SeekrOptions = SeekrOptions()
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return REPLAYS.check(v)
 
 
 class EvalConfig(_Strict):
@@ -191,8 +211,10 @@ class RunConfig(_Strict):
     def _stable_recadam(self):
         r = self.regularizer
         if r.kind == "recadam" and r.recadam.pretrain_coef * self.train.lr >= 2.0:
-            raise ValueError("regularizer.recadam.pretrain_coef × train.lr must be < 2, or the pull towards "
-                             "the pre-trained weights overshoots and diverges")
+            raise ConfigKeyError(("regularizer", "recadam", "pretrain_coef"),
+                            f"regularizer.recadam.pretrain_coef × train.lr must be < 2, or the pull towards the "
+                            f"pre-trained weights overshoots and diverges (here {r.recadam.pretrain_coef:g} × "
+                            f"{self.train.lr:g} = {r.recadam.pretrain_coef * self.train.lr:g})")
         return self
 
     @field_validator("device")
@@ -298,6 +320,8 @@ def _where(source: str, loc: tuple, lines: dict, touched: set[tuple]) -> str:
     dotted = ".".join(str(x) for x in loc)
     if not source:
         return dotted
+    if not loc:
+        return source
     for t in touched:
         n = min(len(t), len(loc))
         if n and tuple(t[:n]) == tuple(loc[:n]):
@@ -315,6 +339,9 @@ def validate(schema: type[BaseModel], data: dict, source: str = "", lines: dict 
         return schema.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigKeyError):
+            err = dict(err, loc=tuple(err["loc"]) + cause.loc)
         loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "union["))))
         # pydantic adds the branch name (e.g. 'str', 'list[str]') for unions: drop type tags
         loc = tuple(x for x in loc if x not in ("str", "list[str]", "int", "float"))

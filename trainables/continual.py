@@ -11,7 +11,6 @@ with the metrics of an uninterrupted run. Deterministic for a seed on CPU.
 from __future__ import annotations
 
 import copy
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,16 +19,20 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import seeds
 from .checkpoint import load_loop_checkpoint, save_loop_checkpoint, write_json_atomic
 from .config import RunConfig, config_to_dict
-from .data import Split, load_lama
+from .data import LamaCKL, Split, load_lama
 from .encode import EncodedDoc, collate, encode_documents, encode_probes
 from .errors import InputError
 from .loss import token_nll, weighted_loss
 from .metrics import EncodedProbe, mean, probe_scores, summarize
-from .models import apply_params, load_base_model, load_tokenizer, trainable_parameters
+from .models import load_tokenizer
+from .regularizers import Regularizer, build_regularizer
+from .replay import Replay, build_replay
 from .tailor import build_split
-from .weighting import SchemeEnv, WeightContext, build_weighting
+from .theta import Theta, build_theta, resolve_device
+from .weighting import Composite, SchemeEnv, WeightContext, build_weighting
 
 
 @dataclass
@@ -57,71 +60,60 @@ class Callback:
     def on_epoch_end(self, report: EpochReport) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device", f"{name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 @dataclass
 class RunSetup:
-    """Everything a run needs, built once: tokenizer, θ with its trainable set, data, weighting."""
+    """Everything a run needs, built once (:func:`prepare_run`): θ, the data, and one component per axis."""
 
     cfg: RunConfig
-    device: torch.device
-    tokenizer: object
-    model: torch.nn.Module
-    trainable: dict
-    split: Split
-    docs: list[EncodedDoc]
-    to_learn_probes: list[EncodedProbe]
-    ntf_probes: list[EncodedProbe]
-    weighting: object
-    data_hash: str
-    replay: object = None  # trainables.replay.Replay or None
-    reference: object = None  # forward of the frozen initial θ, when a method needs it
+    theta: Theta
+    docs: list[EncodedDoc]  # what θ trains on
+    weighting: Composite
+    regularizer: Regularizer
+    replay: Replay
+    split: Optional[Split] = None  # LAMA-CKL only
+    lama: Optional[LamaCKL] = None
+    to_learn_probes: list[EncodedProbe] = field(default_factory=list)
+    ntf_probes: list[EncodedProbe] = field(default_factory=list)
+    data_hash: str = ""
 
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
+    # θ's parts, by their usual names
+    model = property(lambda self: self.theta.model)
+    trainable = property(lambda self: self.theta.trainable)
+    tokenizer = property(lambda self: self.theta.tokenizer)
+    device = property(lambda self: self.theta.device)
+    reference = property(lambda self: self.theta.reference)  # forward of the frozen initial θ, when needed
+    pad_id = property(lambda self: self.theta.pad_id)
+
+    def components(self) -> tuple:
+        return (self.theta.parameterisation, self.weighting, self.regularizer, self.replay)
 
 
-def _reference_fn(model, frozen_copy):
-    """Forward pass of the frozen initial θ: adapters disabled (LoRA) or a frozen copy (full, K-Adapter)."""
+def build_components(cfg: RunConfig, env: SchemeEnv) -> tuple[Composite, Regularizer, Replay]:
+    """The weighting, regulariser and replay of a run, from their config blocks (data comes in ``setup``)."""
+    return build_weighting(cfg.weighting, env), build_regularizer(cfg.regularizer, cfg.train), \
+        build_replay(cfg.replay, cfg.seed)
 
-    @torch.no_grad()
-    def ref(ids, mask, hidden: bool = False, attentions: bool = False):
-        kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, output_attentions=attentions)
-        if frozen_copy is not None:
-            return frozen_copy(**kw)
-        was = model.training
-        model.eval()
-        try:
-            with model.disable_adapter():
-                return model(**kw)
-        finally:
-            model.train(was)
 
-    return ref
+def finish_setup(setup: RunSetup, env: SchemeEnv) -> RunSetup:
+    """Wire the reference model into the weighting environment, then every component's ``setup`` hook."""
+    if setup.weighting.needs_reference:
+        env.reference_nll = lambda ids, mask: token_nll(setup.reference(ids, mask).logits, ids, mask)
+    for c in setup.components():
+        c.setup(setup)
+    return setup
 
 
 def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    seeds.seed_everything(cfg.seed)
     lama = load_lama(cfg.data.dir)
     tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, tokenizer, cfg.params)
-    if cfg.params.kind != "qlora":
-        base = base.to(device)
-    split = build_split(cfg.data, cfg.model, lama, tokenizer, lambda: base, cfg.eval.batch_size, device,
+    env = SchemeEnv(tokenizer=tokenizer, device=device)
+    weighting, regularizer, replay = build_components(cfg, env)
+    theta = build_theta(cfg.model, cfg.params, device, cfg.seed, tokenizer=tokenizer,
+                        needs_reference=any(c.needs_reference for c in (weighting, regularizer, replay)))
+    # tailoring scores facts with the untrained θ (LoRA, K-Adapter and full fine-tuning all start at the base model)
+    split = build_split(cfg.data, cfg.model, lama, tokenizer, lambda: theta.model, cfg.eval.batch_size, device,
                         progress=progress)
     if not split.to_learn:
         raise InputError("data.split", f"the TO-LEARN set is empty for this model ({split.origin}); "
@@ -130,41 +122,12 @@ def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
         raise InputError("data.split", f"the NOT-TO-FORGET set is empty for this model ({split.origin}): it knows "
                                        "none of the invariant facts; use data.split: release (the release's scores) "
                                        "or data.split: file, or a model that knows some facts")
-    docs = encode_documents(tokenizer, split.to_learn, cfg.train.max_length)
-    to_learn_probes = encode_probes(tokenizer, split.to_learn, cfg.data.task)
-    ntf_probes = encode_probes(tokenizer, split.ntf, cfg.data.task)
-
-    env = SchemeEnv(tokenizer=tokenizer, device=device)
-    weighting = build_weighting(cfg.weighting, env)
-    from .replay import build_replay
-
-    replay = build_replay(cfg.replay, tokenizer, split, lama, cfg.train.max_length, cfg.seed)
-    needs_reference = weighting.needs_reference or bool(replay and replay.needs_reference)
-    frozen_copy = None
-    if needs_reference and cfg.params.kind in ("full", "kadapter"):
-        frozen_copy = copy.deepcopy(base).eval()
-    seed_everything(cfg.seed)  # adapter initialisation does not depend on what ran before
-    model = apply_params(base, cfg.params)
-    reference = _reference_fn(model, frozen_copy) if needs_reference else None
-    if weighting.needs_reference:
-        env.reference_nll = lambda ids, mask: token_nll(reference(ids, mask).logits, ids, mask)
-    model.train()
-    setup = RunSetup(cfg, device, tokenizer, model, trainable_parameters(model), split, docs, to_learn_probes,
-                     ntf_probes, weighting, lama.hash, replay, reference)
-    if replay is not None:
-        replay.setup(setup, reference)
-    return setup
-
-
-def make_optimizer(cfg: RunConfig, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    t = cfg.train
-    if cfg.regularizer.kind == "recadam":
-        from .regularizers import RecAdam
-
-        return RecAdam(params, lr=t.lr, opts=cfg.regularizer.recadam, weight_decay=t.weight_decay)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    theta.model.train()
+    setup = RunSetup(cfg=cfg, theta=theta, docs=encode_documents(tokenizer, split.to_learn, cfg.train.max_length),
+                     weighting=weighting, regularizer=regularizer, replay=replay, split=split, lama=lama,
+                     to_learn_probes=encode_probes(tokenizer, split.to_learn, cfg.data.task),
+                     ntf_probes=encode_probes(tokenizer, split.ntf, cfg.data.task), data_hash=lama.hash)
+    return finish_setup(setup, env)
 
 
 @dataclass
@@ -220,7 +183,7 @@ def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    g = torch.Generator().manual_seed(seeds.batch_order(seed, epoch))
     perm = torch.randperm(n, generator=g).tolist()
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
@@ -228,9 +191,9 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
 def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generator,
                dp: Optional[DataParallel] = None, epoch: int = 0, step: int = 0) -> tuple[float, float, int]:
     """One weighted update on a global batch (this worker's shard of it under data parallelism), with
-    the replay method's documents mixed in and its extra loss added.
+    the replay method's documents mixed in and every component's extra loss added.
     Returns (loss, mean weight over real positions of the new documents, number of real tokens), all global."""
-    replayed = setup.replay.sample(len(batch_docs), epoch, step) if setup.replay is not None else []
+    replayed = setup.replay.sample(len(batch_docs), epoch, step)
     n_global = len(batch_docs) + len(replayed)
     mine_new = dp.shard(batch_docs) if dp else batch_docs
     mine_rep = dp.shard(replayed) if dp else replayed
@@ -241,8 +204,7 @@ def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generat
         batch = {k: v.to(setup.device) for k, v in collate(mine, setup.pad_id).items()}
         rep = setup.replay
         out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=bool(rep and rep.needs_hidden),
-                          output_attentions=bool(rep and rep.needs_attentions))
+                          output_hidden_states=rep.needs_hidden, output_attentions=rep.needs_attentions)
         nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
         ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
                             logits=out.logits.detach() if setup.weighting.needs_logits else None,
@@ -250,14 +212,19 @@ def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generat
         w = setup.weighting(ctx).to(nll.device)
         replay_rows = torch.zeros(len(mine), dtype=torch.bool, device=nll.device)
         replay_rows[len(mine_new):] = True
+        batch["replay_rows"] = replay_rows
         if mine_rep:  # replayed documents are trained with the plain LM loss
             w = torch.where(replay_rows.unsqueeze(1), ctx.pred_mask.to(w.dtype), w)
         # the global loss is a mean over the global batch's sequences: scale this shard's mean
         loss = weighted_loss(nll, w) * (len(mine) / n_global)
-        if rep is not None:
-            extra = rep.extra_loss(out, batch, replay_rows, setup.reference)
-            if extra is not None:
-                loss = loss + extra * (len(mine_rep) / max(len(replayed), 1))
+        # the replay term is a mean over the replayed documents: this shard's share of it; a regulariser's
+        # term is one per step, and the workers' gradients are summed
+        extra = setup.replay.extra_loss(setup, out, batch)
+        if extra is not None:
+            loss = loss + extra * (len(mine_rep) / max(len(replayed), 1))
+        extra = setup.regularizer.extra_loss(setup, out, batch)
+        if extra is not None:
+            loss = loss + extra / (dp.world if dp else 1)
         loss.backward()
         new_mask = ctx.pred_mask[~replay_rows]
         stats += torch.tensor([loss.item(), w[~replay_rows].sum().item(), new_mask.sum().item(),
@@ -298,7 +265,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     out = Path(out_dir) if out_dir else None
     ckpt_dir = out / "checkpoint" if out else None
     setup = setup or prepare_run(cfg)
-    optimizer = make_optimizer(cfg, list(setup.trainable.values()))
+    optimizer = setup.regularizer.optimizer(list(setup.trainable.values()))
     cfg_dict = config_to_dict(cfg)
 
     history = {k: [] for k in ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight",
@@ -315,8 +282,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         train_tokens, train_seconds = state["train_tokens"], state["train_seconds"]
 
     info = {"n_to_learn": len(setup.split.to_learn), "n_ntf": len(setup.split.ntf),
-            "replay_pool": setup.replay.description if setup.replay is not None else None,
-            "seekr_heads": getattr(setup.replay, "heads", None),
+            **{k: v for c in setup.components() if c is not None for k, v in c.describe().items()},
             "n_trainable_params": sum(p.numel() for p in setup.trainable.values()),
             "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch,
             # the facts behind *_per_fact, in order
@@ -353,7 +319,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         batches = epoch_batches(len(setup.docs), cfg.train.batch_size, cfg.seed, epoch)
         losses, weights, t0 = [], [], time.perf_counter()
         for step, idx in enumerate(batches):
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + step)
+            gen = torch.Generator().manual_seed(seeds.step(cfg.seed, epoch, step))
             loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen, dp, epoch, step)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")

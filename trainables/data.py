@@ -1,7 +1,7 @@
 """LAMA-CKL data: validated loading, hashing, and the TO-LEARN / NOT-TO-FORGET / Train-Attention split.
 
 Every record is validated line by line before anything trains: a malformed line or a missing field
-stops with ``file:line`` and the field. Records are then held in :mod:`datasets` objects.
+stops with ``file:line`` and the field. Records become :class:`Fact` objects.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-import datasets
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from . import seeds
 from .errors import InputError, read_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +98,9 @@ def data_hash(paths: Iterable[Path]) -> str:
 
 @dataclass
 class LamaCKL:
-    """The three LAMA-CKL files as :class:`datasets.Dataset` objects, plus their facts."""
+    """The three LAMA-CKL files: their facts (by file stem) and the data hash."""
 
     dir: Path
-    tables: datasets.DatasetDict
     facts: dict[str, list[Fact]]
     hash: str
 
@@ -119,7 +118,7 @@ def load_lama(directory: Optional[str | Path] = None) -> LamaCKL:
     if not d.is_dir():
         raise InputError(str(d), "LAMA-CKL data directory not found")
     paths = [d / f for f in LAMA_FILES]
-    tables, facts = {}, {}
+    facts = {}
     for p in paths:
         rows = read_jsonl_validated(p, LamaRecord)
         stem = p.stem
@@ -133,13 +132,7 @@ def load_lama(directory: Optional[str | Path] = None) -> LamaCKL:
                  r.task_schematic, stem, lineno, r.scores)
             for lineno, r in rows
         ]
-        tables[stem] = datasets.Dataset.from_list([
-            {"uuid": r.uuid, "subject": r.subject, "relation": r.relation_label, "object": r.object,
-             "evidence": r.evidence, "task_descriptive": r.task_descriptive,
-             "task_schematic": r.task_schematic, "line": lineno}
-            for lineno, r in rows
-        ])
-    return LamaCKL(d, datasets.DatasetDict(tables), facts, data_hash(paths))
+    return LamaCKL(d, facts, data_hash(paths))
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +186,7 @@ def make_split(lama: LamaCKL, scores: dict[str, float], task: str, origin: str,
                                   f"data ({origin}{note})")
         if n is None or n >= len(xs):
             return xs
-        return sorted(random.Random(seed * 1000 + salt).sample(xs, n), key=lambda f: f.uuid)
+        return sorted(random.Random(seeds.split_sample(seed, salt)).sample(xs, n), key=lambda f: f.uuid)
 
     return Split(sample(to_learn, to_learn_size, 1, "data.to_learn_size", "TO-LEARN facts", True),
                  sample(ntf, ntf_size, 2, "data.ntf_size", "NOT-TO-FORGET facts", False),

@@ -13,10 +13,9 @@ from typing import Protocol
 
 import torch
 
-from .registry import Registry
+from .registry import INNER_OPTIMIZERS
 
 Params = dict[str, torch.Tensor]
-INNER_OPTIMIZERS: Registry[type] = Registry("inner optimizer")
 
 
 class FunctionalOptimizer(Protocol):

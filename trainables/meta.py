@@ -25,20 +25,21 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.func import functional_call
 
+from . import seeds
 from .checkpoint import write_json_atomic
 from .config import DataConfig, ModelConfig, ParamsConfig, _Strict, config_to_dict
-from .continual import resolve_device, seed_everything
 from .data import Fact, load_lama
 from .encode import EncodedDoc, collate, encode_document, encode_documents
 from .errors import InputError
-from .functional_optim import INNER_OPTIMIZERS, detach_state
+from .functional_optim import detach_state
 from .loss import prediction_mask, token_nll, weighted_loss
 from .metrics import EncodedProbe, encode_probe, mean, probe_scores
-from .models import apply_params, load_base_model, load_tokenizer, trainable_parameters
+from .registry import INNER_OPTIMIZERS
 from .tailor import build_split
+from .theta import build_theta, resolve_device
 from .train_attention import PhiConfig, TrainAttention, build_phi, phi_trainable, save_phi
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class MetaOptions(_Strict):
     batch_size: int = Field(16, ge=1)  # meta-batch: examples whose φ-gradients are averaged
     lr: float = Field(2e-4, gt=0)  # AdamW on φ
     weight_decay: float = Field(0.0, ge=0)
-    inner_optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    inner_optimizer: str = "adamw"  # a name of trainables.registry.INNER_OPTIMIZERS: sgd, adam, adamw
     inner_lr: float = Field(2e-4, gt=0)
     dummy_loop: int = Field(1, ge=0)
     inner_steps: int = Field(1, ge=1)
@@ -69,6 +70,11 @@ class MetaOptions(_Strict):
     # padded to the batch's longest), the same mathematics as "sequential" (one example after another);
     # falls back to sequential, with a logged reason, where it cannot batch
     batching: Literal["vmap", "sequential"] = "vmap"
+
+    @field_validator("inner_optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        return INNER_OPTIMIZERS.check(v)
 
 
 class MetaConfig(_Strict):
@@ -403,9 +409,9 @@ def heatmap_html(phi: TrainAttention, tokenizer, examples: Sequence[MetaExample]
 
 def prepare_meta(cfg: MetaConfig, progress=None):
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, tokenizer, cfg.params).to(device)
+    seeds.seed_everything(cfg.seed)
+    theta = build_theta(cfg.model, cfg.params, device, cfg.seed)
+    tokenizer, model = theta.tokenizer, theta.model
     if cfg.records:
         from .data import data_hash
 
@@ -414,26 +420,24 @@ def prepare_meta(cfg: MetaConfig, progress=None):
             if cfg.meta.pool_size > len(pool):
                 raise InputError("meta.pool_size", f"requested {cfg.meta.pool_size} facts, but {cfg.records} "
                                                    f"holds {len(pool)} records")
-            pool = random.Random(cfg.seed).sample(pool, cfg.meta.pool_size)
+            pool = random.Random(seeds.meta_pool(cfg.seed)).sample(pool, cfg.meta.pool_size)
         split, lama_hash = None, data_hash([Path(cfg.records)])
     else:
         lama = load_lama(cfg.data.dir)
         data_cfg = cfg.data.model_copy(update={"task": cfg.task})
-        split = build_split(data_cfg, cfg.model, lama, tokenizer, lambda: base, 32, device,
+        split = build_split(data_cfg, cfg.model, lama, tokenizer, lambda: model, 32, device,
                             ta_pool_size=cfg.meta.pool_size, progress=progress)
         pool, lama_hash = list(split.ta_pool), lama.hash
     if len(pool) < cfg.meta.val_size + 1:
         raise InputError("meta.val_size", f"the Train-Attention pool has {len(pool)} facts; "
                                           f"need more than val_size={cfg.meta.val_size}")
-    random.Random(cfg.seed).shuffle(pool)
+    random.Random(seeds.meta_pool(cfg.seed)).shuffle(pool)
     val_facts, train_facts = pool[:cfg.meta.val_size], pool[cfg.meta.val_size:]
-    seed_everything(cfg.seed)
-    model = apply_params(base, cfg.params).to(device)
     model.eval()  # no dropout inside the meta-objective: its gradient is deterministic
-    theta0 = {k: v.detach().clone() for k, v in trainable_parameters(model).items()}
-    for p in model.parameters():
+    theta0 = {k: v.detach().clone() for k, v in theta.trainable.items()}
+    for p in model.parameters():  # θ is a function of the parameter dicts passed to functional_call
         p.requires_grad_(False)
-    phi = build_phi(cfg.phi, cfg.model, tokenizer, seed=cfg.seed + 1).to(device)
+    phi = build_phi(cfg.phi, cfg.model, tokenizer, seed=seeds.phi_init(cfg.seed)).to(device)
     phi.train()
     task = "schematic" if cfg.records else cfg.task
     mk = lambda f: make_example(tokenizer, f, task, cfg.meta.max_length, device)  # noqa: E731
@@ -466,7 +470,7 @@ def meta_train(cfg: MetaConfig, out_dir: Optional[str | Path] = None,
     phi, tokenizer, device = s["phi"], s["tokenizer"], s["device"]
     inner = Inner(s["model"], s["theta0"], cfg.meta, tokenizer.pad_token_id)
     opt = torch.optim.AdamW(list(phi_trainable(phi).values()), lr=cfg.meta.lr, weight_decay=cfg.meta.weight_decay)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seeds.meta_pool(cfg.seed))
     history = {"step": [], "objective": [], "seconds": []}
     checks: list[dict] = []
     best = {"val_acc": -1.0, "step": None}

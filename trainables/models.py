@@ -1,4 +1,4 @@
-"""Model presets and parameterisations of θ.
+"""Model presets: the tokenizer and base weights of θ (parameterisations: ``trainables.params``).
 
 Presets (``model.name``):
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, ParamsConfig
+from .config import ModelConfig
 from .errors import InputError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,7 +111,29 @@ def _prepare_tokenizer(tok):
     return tok
 
 
+_TOKENIZERS: dict = {}  # (name, allow_download) -> tokenizer: loaded once per process
+_KEPT: dict = {}  # model key -> base model kept loaded between the trials of a warm process
+_keep_bytes = 0  # base models up to this size are kept (0: none; set by keep_base_weights)
+
+
+def keep_base_weights(max_bytes: int) -> None:
+    """Keep base models of up to ``max_bytes`` loaded in this process: later loads of the same model return a
+    copy instead of reading and building it again (a warm Ray trial process running one trial after
+    another). Off by default; a single run gains nothing from it."""
+    global _keep_bytes
+    _keep_bytes = max_bytes
+    if not max_bytes:
+        _KEPT.clear()
+
+
 def load_tokenizer(cfg: ModelConfig):
+    key = (cfg.name, cfg.allow_download)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_tokenizer(cfg)
+    return _TOKENIZERS[key]
+
+
+def _load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
@@ -149,8 +171,24 @@ def tiny_config(cfg: ModelConfig, tokenizer):
     )
 
 
-def load_base_model(cfg: ModelConfig, tokenizer, params: ParamsConfig | None = None):
-    """The base causal LM θ (eager attention, requested dtype), all parameters frozen."""
+def load_base_model(cfg: ModelConfig, tokenizer, load_kwargs: dict | None = None):
+    """The base causal LM (eager attention, requested dtype), all parameters frozen. ``load_kwargs``: extra
+    ``from_pretrained`` arguments of the parameterisation (QLoRA's quantisation). Always a model of its own:
+    a kept base model (:func:`keep_base_weights`) is copied, never shared."""
+    import copy
+
+    key = model_key(cfg)
+    if not load_kwargs and key in _KEPT:
+        return copy.deepcopy(_KEPT[key])
+    model = _load_base_model(cfg, tokenizer, load_kwargs)
+    if not load_kwargs and _keep_bytes:
+        size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        if size <= _keep_bytes:
+            _KEPT[key] = copy.deepcopy(model)
+    return model
+
+
+def _load_base_model(cfg: ModelConfig, tokenizer, load_kwargs: dict | None = None):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     _quiet_transformers()
@@ -166,8 +204,7 @@ def load_base_model(cfg: ModelConfig, tokenizer, params: ParamsConfig | None = N
     else:
         src = str(smollm2_model_dir()) if cfg.name == "smollm2-135m" else _external_source(cfg.name)
         kwargs = dict(attn_implementation="eager", dtype=dtype, local_files_only=not cfg.allow_download)
-        if params is not None and params.kind == "qlora":
-            kwargs.update(_qlora_kwargs())
+        kwargs.update(load_kwargs or {})
         try:
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
         except (OSError, ValueError) as e:
@@ -176,45 +213,6 @@ def load_base_model(cfg: ModelConfig, tokenizer, params: ParamsConfig | None = N
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _qlora_kwargs() -> dict:
-    if not torch.cuda.is_available():
-        raise InputError("params.kind", "qlora needs a CUDA GPU (and the 'qlora' extra: bitsandbytes)")
-    try:
-        from transformers import BitsAndBytesConfig
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise InputError("params.kind", "qlora needs bitsandbytes: pip install '.[qlora]'") from None
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True), "device_map": {"": 0}}
-
-
-def apply_params(model, params: ParamsConfig):
-    """Make the trainable parameter set: LoRA / QLoRA adapters through peft, or every weight."""
-    if params.kind == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if params.kind == "kadapter":
-        from .adapters import apply_kadapter
-
-        return apply_kadapter(model, params.kadapter)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if params.kind == "qlora":
-        model = prepare_model_for_kbit_training(model)
-    lcfg = LoraConfig(r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
-                      target_modules=params.target_modules, task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lcfg)
-    except ValueError as e:
-        raise InputError("params.target_modules", str(e)) from None
-
-
-def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def model_key(cfg: ModelConfig) -> str:

@@ -1,5 +1,11 @@
-"""Regularisers of θ's update (the regulariser axis). RecAdam (Chen et al. 2020): Adam whose step is
-annealed from a quadratic pull towards the pre-trained weights θ* to the task update:
+"""Regularisers of θ's update (the regulariser axis).
+
+A regulariser is a :class:`Regularizer` registered under a name: it supplies the optimizer
+(``optimizer(params)``; default: ``train.optimizer``) and may add a loss term (``extra_loss``, e.g. an
+EWC penalty). Registered: ``none`` and ``recadam``.
+
+RecAdam (Chen et al. 2020): Adam whose step is annealed from a quadratic pull towards the pre-trained
+weights θ* to the task update:
 
     θ ← θ - lr · [ λ(t) · adam_step(g)  +  (1 - λ(t)) · γ · (θ - θ*) ]
 
@@ -11,9 +17,32 @@ LoRA: the initial adapter, i.e. the pre-trained function).
 from __future__ import annotations
 
 import math
+
 import torch
 
-from .config import RecAdamOptions
+from .component import Component
+from .config import RecAdamOptions, RegularizerConfig, TrainConfig
+from .registry import REGULARIZERS
+
+
+class Regularizer(Component):
+    """No regularisation: the optimizer of ``train.optimizer``."""
+
+    def __init__(self, options: RegularizerConfig, train: TrainConfig):
+        self.options, self.train = options, train
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        t = self.train
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+REGULARIZERS.register("none")(Regularizer)
+
+
+def build_regularizer(options: RegularizerConfig, train: TrainConfig) -> Regularizer:
+    return REGULARIZERS.get(options.kind, "regularizer.kind")(options, train)
 
 
 def anneal_lambda(step: int, opts: RecAdamOptions) -> float:
@@ -68,3 +97,8 @@ class RecAdam(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
         return None
 
+
+@REGULARIZERS.register("recadam")
+class RecAdamRegularizer(Regularizer):
+    def optimizer(self, params):
+        return RecAdam(params, lr=self.train.lr, opts=self.options.recadam, weight_decay=self.train.weight_decay)

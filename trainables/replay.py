@@ -24,12 +24,14 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from . import seeds
+from .component import Component
 from .config import ReplayConfig
 from .data import read_jsonl_validated
-from .encode import EncodedDoc, encode_document
-from .registry import Registry
-
-REPLAYS: Registry = Registry("replay method")
+from .encode import EncodedDoc, collate, encode_document
+from .errors import InputError
+from .loss import prediction_mask, token_nll, weighted_loss
+from .registry import REPLAYS
 
 
 class TextRecord(BaseModel):
@@ -38,7 +40,11 @@ class TextRecord(BaseModel):
 
 
 def load_pool_texts(cfg: ReplayConfig, split, lama) -> tuple[list[str], str]:
-    """(texts, a description of the pool for the metrics)."""
+    """(texts, a description of the pool for the metrics). ``split``/``lama`` are None outside LAMA-CKL
+    (TemporalWiki), where only a file pool applies."""
+    if cfg.pool in ("disjoint", "ntf") and (split is None or lama is None):
+        raise InputError("replay.pool", f"the {cfg.pool!r} pool is LAMA-CKL evidence; outside LAMA-CKL (TemporalWiki) "
+                                        "give a JSON-lines file with a `text` field")
     if cfg.pool == "disjoint":
         taken = {f.uuid for f in split.to_learn} | {f.uuid for f in split.ntf}
         facts = sorted((f for f in lama.all_facts() if f.uuid not in taken), key=lambda f: f.uuid)
@@ -49,24 +55,46 @@ def load_pool_texts(cfg: ReplayConfig, split, lama) -> tuple[list[str], str]:
     return [r.text for _, r in rows], f"file: {cfg.pool}"
 
 
-class Replay:
-    needs_hidden = False
-    needs_attentions = False
-    needs_reference = False
+class Replay(Component):
+    """Base class: a replay method samples documents from its pool into every batch (``sample``; they are
+    trained with the plain LM loss) and may add a loss on them (``extra_loss``). ``none`` replays nothing."""
 
-    def __init__(self, cfg: ReplayConfig, docs: list[EncodedDoc], description: str, seed: int):
-        self.cfg, self.docs, self.description, self.seed = cfg, docs, description, seed
+    needs_hidden = False  # θ's forward returns hidden states (for extra_loss)
+    needs_attentions = False
+
+    def __init__(self, cfg: ReplayConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.docs: list[EncodedDoc] = []
+        self.description: Optional[str] = None
+
+    def setup(self, run) -> None:
+        """Read and encode the pool (its seeded subsample when ``replay.size`` is set)."""
+        texts, self.description = load_pool_texts(self.cfg, run.split, run.lama)
+        if self.cfg.size is not None and self.cfg.size < len(texts):
+            texts = random.Random(seeds.replay_pool(self.seed)).sample(texts, self.cfg.size)
+        self.docs = [encode_document(run.tokenizer, t, "", run.cfg.train.max_length) for t in texts if t.strip()]
+        if not self.docs:
+            raise InputError("replay.pool", "the replay pool is empty")
 
     def sample(self, n_new: int, epoch: int, step: int) -> list[EncodedDoc]:
         k = max(1, round(self.cfg.ratio * n_new))
-        rng = random.Random(self.seed * 1_000_003 + epoch * 10_007 + step)
+        rng = random.Random(seeds.replay_sample(self.seed, epoch, step))
         return [self.docs[i] for i in rng.sample(range(len(self.docs)), min(k, len(self.docs)))]
 
-    def setup(self, run_setup, reference) -> None:
-        """Called once before training (SEEKR ranks its heads here)."""
+    def describe(self) -> dict:
+        return {"replay_pool": self.description}
 
-    def extra_loss(self, out, batch, replay_rows: torch.Tensor, reference) -> Optional[torch.Tensor]:
-        return None
+
+@REPLAYS.register("none")
+class NoReplay(Replay):
+    def setup(self, run) -> None:
+        pass
+
+    def sample(self, n_new, epoch, step):
+        return []
+
+    def describe(self) -> dict:
+        return {}
 
 
 @REPLAYS.register("mix_review")
@@ -85,35 +113,38 @@ class GeRe(Replay):
     def layers(self, n_states: int) -> list[int]:
         return self.cfg.gere.layers or [n_states - 1]
 
-    def extra_loss(self, out, batch, replay_rows, reference):
-        if not replay_rows.any():
+    def extra_loss(self, run, out, batch):
+        rows = batch["replay_rows"]
+        if not rows.any():
             return None
         g = self.cfg.gere
-        ids, mask = batch["input_ids"][replay_rows], batch["attention_mask"][replay_rows]
-        ref = reference(ids, mask, hidden=g.loss != "kl")
-        m = mask.unsqueeze(-1).to(out.logits.dtype)
+        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+        ref = run.reference(ids, mask, hidden=g.loss != "kl")
         if g.loss == "kl":
-            logp = torch.log_softmax(out.logits[replay_rows].float(), -1)
+            logp = torch.log_softmax(out.logits[rows].float(), -1)
             ref_logp = torch.log_softmax(ref.logits.float(), -1)
             kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
             return g.coef * (kl * mask).sum() / mask.sum()
-        total = 0.0
-        states = out.hidden_states
-        for layer in self.layers(len(states)):
-            d = (states[layer][replay_rows] - ref.hidden_states[layer]) * m
-            if g.loss == "margin":
-                pen = torch.relu(d.abs() - g.threshold)
-            elif g.loss == "l1":
-                pen = d.abs()
-            else:
-                pen = d * d
-            total = total + pen.sum() / (m.sum() * d.size(-1))
-        return g.coef * total / len(self.layers(len(states)))
+        layers = self.layers(len(out.hidden_states))
+        total = sum(feature_penalty(out.hidden_states[i][rows], ref.hidden_states[i], mask, g.loss, g.threshold)
+                    for i in layers)
+        return g.coef * total / len(layers)
 
 
-def margin_loss(h: torch.Tensor, h_ref: torch.Tensor, threshold: float) -> torch.Tensor:
-    """GeRe's threshold-margin loss: zero while every |h - h_ref| is within the threshold."""
-    return torch.relu((h - h_ref).abs() - threshold).mean()
+def feature_penalty(h: torch.Tensor, h_ref: torch.Tensor, mask: torch.Tensor, kind: str,
+                    threshold: float = 0.0) -> torch.Tensor:
+    """GeRe's constraint of hidden states ``h`` [B, T, H] to the frozen model's ``h_ref`` on real tokens:
+    ``margin`` = threshold-margin mean(relu(|h - h_ref| - τ)) (zero while every feature stays within τ),
+    ``l1`` mean |h - h_ref|, ``l2`` mean (h - h_ref)²; means over real tokens and features."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    d = (h - h_ref) * m
+    if kind == "margin":
+        pen = torch.relu(d.abs() - threshold)
+    elif kind == "l1":
+        pen = d.abs()
+    else:
+        pen = d * d
+    return pen.sum() / (m.sum() * d.size(-1))
 
 
 @REPLAYS.register("seekr")
@@ -127,21 +158,17 @@ class Seekr(Replay):
         self.scores: dict = {}
 
     def _batches(self, n: int, pad: int):
-        from .encode import collate
-
-        rng = random.Random(self.seed + 17)
+        rng = random.Random(seeds.seekr_probe(self.seed))
         for _ in range(self.cfg.seekr.probe_batches):
             yield collate([self.docs[i] for i in rng.sample(range(len(self.docs)), min(n, len(self.docs)))], pad)
 
-    def setup(self, run_setup, reference) -> None:
-        """Rank heads by forgettability and task sensitivity; keep the top ``head_budget``."""
-        model, trainable, device = run_setup.model, run_setup.trainable, run_setup.device
-        pad = run_setup.pad_id
-        from .encode import collate
-        from .loss import prediction_mask, token_nll, weighted_loss
-
+    def setup(self, run) -> None:
+        """Read the pool, then rank heads by forgettability and task sensitivity; keep the top ``head_budget``."""
+        super().setup(run)
+        model, trainable, device = run.model, run.trainable, run.device
+        pad = run.pad_id
         batches = [{k: v.to(device) for k, v in b.items()}
-                   for b in self._batches(run_setup.cfg.train.batch_size, pad)]
+                   for b in self._batches(run.cfg.train.batch_size, pad)]
         sens = None
         before = []
         was = model.training
@@ -158,7 +185,7 @@ class Seekr(Replay):
             before.append([a.detach() for a in attn])
         # trial update on the new documents (restored afterwards): which heads' attention moves
         saved = {k: p.detach().clone() for k, p in trainable.items()}
-        new = collate(run_setup.docs[: run_setup.cfg.train.batch_size], pad)
+        new = collate(run.docs[: run.cfg.train.batch_size], pad)
         new = {k: v.to(device) for k, v in new.items()}
         out = model(input_ids=new["input_ids"], attention_mask=new["attention_mask"])
         loss = weighted_loss(token_nll(out.logits, new["input_ids"], new["attention_mask"]),
@@ -167,7 +194,7 @@ class Seekr(Replay):
         with torch.no_grad():
             for p, g in zip(trainable.values(), grads):
                 if g is not None:
-                    p.add_(g, alpha=-run_setup.cfg.train.lr * 10)
+                    p.add_(g, alpha=-run.cfg.train.lr * 10)
             forget = None
             for b, ref_attn in zip(batches, before):
                 attn = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -189,13 +216,17 @@ class Seekr(Replay):
         n_heads = score.size(1)
         self.heads = sorted((i // n_heads, i % n_heads) for i in top)
 
-    def extra_loss(self, out, batch, replay_rows, reference):
-        if not replay_rows.any() or not self.heads:
+    def extra_loss(self, run, out, batch):
+        rows = batch["replay_rows"]
+        if not rows.any() or not self.heads:
             return None
-        ids, mask = batch["input_ids"][replay_rows], batch["attention_mask"][replay_rows]
-        ref = reference(ids, mask, attentions=True)
-        return self.cfg.seekr.coef * attention_distillation(
-            [a[replay_rows] for a in out.attentions], ref.attentions, self.heads, mask)
+        ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+        ref = run.reference(ids, mask, attentions=True)
+        return self.cfg.seekr.coef * attention_distillation([a[rows] for a in out.attentions], ref.attentions,
+                                                            self.heads, mask)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "seekr_heads": self.heads}
 
 
 def attention_distillation(attn, ref_attn, heads: list[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
@@ -209,15 +240,6 @@ def attention_distillation(attn, ref_attn, heads: list[tuple[int, int]], mask: t
     return total / len(heads)
 
 
-def build_replay(cfg: ReplayConfig, tokenizer, split, lama, max_length: int, seed: int) -> Optional[Replay]:
-    if cfg.kind == "none":
-        return None
-    texts, description = load_pool_texts(cfg, split, lama)
-    if cfg.size is not None and cfg.size < len(texts):
-        texts = random.Random(seed + 5).sample(texts, cfg.size)
-    docs = [encode_document(tokenizer, t, "", max_length) for t in texts if t.strip()]
-    if not docs:
-        from .errors import InputError
-
-        raise InputError("replay.pool", "the replay pool is empty")
-    return REPLAYS.get(cfg.kind, "replay.kind")(cfg, docs, description, seed)
+def build_replay(cfg: ReplayConfig, seed: int) -> Replay:
+    """The run's replay method (``none`` replays nothing); its pool is read in ``setup(run)``."""
+    return REPLAYS.get(cfg.kind, "replay.kind")(cfg, seed)

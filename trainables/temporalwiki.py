@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from . import seeds
 from .checkpoint import write_json_atomic
 from .config import RunConfig, _Strict, config_to_dict
 from .data import REPO_ROOT, read_jsonl_validated
@@ -147,56 +148,48 @@ def object_perplexity(model, probes: Sequence[EncodedProbe], pad_id: int, batch_
 
 def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = None, on_period=None) -> dict:
     """Train through the periods in order (θ carries over); evaluate after each. Writes OUT/metrics.json."""
-    from .continual import (DataParallel, RunSetup, epoch_batches, make_optimizer, resolve_device, seed_everything,
-                            train_step)
-    from .models import apply_params, load_base_model, load_tokenizer, trainable_parameters
-    from .weighting import SchemeEnv, build_weighting
+    from .continual import DataParallel, RunSetup, build_components, epoch_batches, finish_setup, train_step
+    from .models import load_tokenizer
+    from .theta import build_theta, resolve_device
+    from .weighting import SchemeEnv
 
     t0 = time.perf_counter()
     tw = cfg.temporalwiki
-    if cfg.replay.kind != "none" and cfg.replay.pool in ("disjoint", "ntf"):
-        raise InputError("replay.pool", "TemporalWiki replay needs a JSON-lines file with `text` (LAMA pools "
-                                        "do not apply)")
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    seeds.seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     periods = []
     for i, p in enumerate(tw.periods):  # read and validate every file before training
         periods.append({
             "name": p.name,
-            "docs": load_diff(Path(p.diff), tokenizer, cfg.train.max_length, tw.diff_size, cfg.seed + i),
-            "changed": load_probes(_probe_path(p, "changed"), tokenizer, tw.probe_size, cfg.seed + 100 + i),
-            "unchanged": load_probes(_probe_path(p, "unchanged"), tokenizer, tw.probe_size, cfg.seed + 200 + i)})
-    base = load_base_model(cfg.model, tokenizer, cfg.params).to(device)
+            "docs": load_diff(Path(p.diff), tokenizer, cfg.train.max_length, tw.diff_size,
+                              seeds.temporalwiki_subsample(cfg.seed, i, "diff")),
+            "changed": load_probes(_probe_path(p, "changed"), tokenizer, tw.probe_size,
+                                   seeds.temporalwiki_subsample(cfg.seed, i, "changed")),
+            "unchanged": load_probes(_probe_path(p, "unchanged"), tokenizer, tw.probe_size,
+                                     seeds.temporalwiki_subsample(cfg.seed, i, "unchanged"))})
     env = SchemeEnv(tokenizer=tokenizer, device=device)
-    weighting = build_weighting(cfg.weighting, env)
+    weighting, regularizer, replay = build_components(cfg, env)
     if weighting.needs_reference:
         raise InputError("weighting.scheme", "schemes needing a reference model (rho1) are not wired for "
                                              "TemporalWiki yet")
-    replay = None
-    if cfg.replay.kind != "none":
-        from .replay import REPLAYS, load_pool_texts
-
-        texts, desc = load_pool_texts(cfg.replay, None, None)
-        replay = REPLAYS.get(cfg.replay.kind, "replay.kind")(
-            cfg.replay, [encode_document(tokenizer, t, "", cfg.train.max_length) for t in texts], desc, cfg.seed)
-        if replay.needs_reference:
-            raise InputError("replay.kind", "GeRe and SEEKR are not wired for TemporalWiki yet; use mix_review")
-    seed_everything(cfg.seed)
-    model = apply_params(base, cfg.params)
-    model.train()
-    trainable = trainable_parameters(model)
-    optimizer = make_optimizer(cfg, list(trainable.values()))
+    if replay.needs_reference:
+        raise InputError("replay.kind", "GeRe and SEEKR are not wired for TemporalWiki yet; use mix_review")
+    theta = build_theta(cfg.model, cfg.params, device, cfg.seed, tokenizer=tokenizer)
+    theta.model.train()
+    setup = finish_setup(RunSetup(cfg=cfg, theta=theta, docs=[], weighting=weighting, regularizer=regularizer,
+                                  replay=replay), env)
+    optimizer = regularizer.optimizer(list(theta.trainable.values()))
+    model = theta.model
     dp = DataParallel.from_torch()
     results = []
     for i, period in enumerate(periods):
-        setup = RunSetup(cfg, device, tokenizer, model, trainable, None, period["docs"], [], [], weighting, "",
-                         replay, None)
+        setup.docs = period["docs"]
         losses = []
         for e in range(tw.epochs_per_period):
             for step, idx in enumerate(epoch_batches(len(period["docs"]), cfg.train.batch_size, cfg.seed,
                                                      i * 1000 + e)):
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i * 100_003 + e * 1009 + step)
+                gen = torch.Generator().manual_seed(seeds.period_step(cfg.seed, i, e, step))
                 loss, _, _ = train_step(setup, optimizer, [period["docs"][j] for j in idx], gen, dp, i, step)
                 losses.append(loss)
         res = {"period": period["name"], "index": i, "train_loss": mean(losses),

@@ -2,8 +2,8 @@
 
 A scheme is a class registered under a name; it is built once per run from the weighting config
 and an environment (:class:`SchemeEnv`), then called once per training batch with a
-:class:`WeightContext`. It returns ``[B, T-1]`` weights, one per predicted position (position t
-weights the prediction of x_{t+1}), without gradient. Several schemes compose multiplicatively
+:class:`WeightContext`. It returns ``[B, T-1]`` weights, one per loss term (entry t weights the term
+predicting x_{t+1}), without gradient. Several schemes compose multiplicatively
 (``scheme: train_attention*known_mask``), and the result is always multiplied by the prediction mask.
 """
 
@@ -15,11 +15,12 @@ from typing import Callable, Optional
 
 import torch
 
+from .component import Component
 from .config import WeightingConfig, scheme_names
+from .errors import InputError
 from .loss import prediction_mask
-from .registry import Registry
-
-SCHEMES: Registry[type] = Registry("weighting scheme")
+from .registry import SCHEMES
+from .train_attention import load_phi
 
 
 @dataclass
@@ -47,10 +48,10 @@ class WeightContext:
         return prediction_mask(self.attention_mask)
 
 
-class Scheme:
-    """Base class. ``needs_reference``: the loop must supply ``env.reference_nll``."""
+class Scheme(Component):
+    """Base class. ``needs_reference``: the loop must supply ``env.reference_nll``; ``needs_logits``: the
+    context carries θ's logits."""
 
-    needs_reference = False
     needs_logits = False
 
     def __init__(self, options: WeightingConfig, env: SchemeEnv):
@@ -147,13 +148,11 @@ class Random(Scheme):
 
 @SCHEMES.register("train_attention")
 class TrainAttentionScheme(Scheme):
-    """TAALM: w_t = sigmoid(φ(x)_t), from a frozen φ checkpoint (``weighting.train_attention.phi``)."""
+    """TAALM: the weight of the loss term predicting x_{t+1} is sigmoid(φ(x)_{t+1}), φ's output once it
+    has read x_{t+1} (the release's alignment), from a frozen φ checkpoint (``weighting.train_attention.phi``)."""
 
     def __init__(self, options, env):
         super().__init__(options, env)
-        from .errors import InputError
-        from .train_attention import load_phi
-
         if not options.train_attention.phi:
             raise InputError("weighting.train_attention.phi", "the train_attention scheme needs a φ checkpoint "
                                                               "directory (written by `taalm meta-train`)")
@@ -164,8 +163,8 @@ class TrainAttentionScheme(Scheme):
             return self.phi.weights(ctx.input_ids, ctx.attention_mask).float()
 
 
-class Composite:
-    """The product of several schemes' weights, times the prediction mask."""
+class Composite(Component):
+    """The product of several schemes' weights, times the prediction mask (the run's weighting component)."""
 
     def __init__(self, schemes: list[Scheme]):
         self.schemes = schemes
