@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,6 +21,19 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 SET_HELP = "Override a config key: dotted.key=value (repeatable)."
+VERBOSE_HELP = "Show Ray's, Tune's and MLflow's own output too (always in <study>/logs/study.log)."
+
+
+@contextmanager
+def study_console(name: str):
+    """The study's live progress view (a Tune callback), closed before the report is printed."""
+    from orchestrator.console import StudyConsole
+
+    view = StudyConsole(name, console=console)
+    try:
+        yield view
+    finally:
+        view.close()
 
 
 class RichProgress:
@@ -127,18 +141,21 @@ def ablate(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
     retrain_phi: bool = typer.Option(False, "--retrain-phi",
                                      help="Meta-train φ anew (ignore the φ cache and the φ shipped in ablations/phi/)."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
-    """Run an ablation grid: every trial a Ray Train run under Ray Tune, tracked in MLflow; then the table."""
+    """Run an ablation grid: every trial under Ray Tune (Ray Train for multi-worker trials), tracked in MLflow;
+    then the table."""
     from orchestrator.grid import load_grid
 
     spec, trials, meta = load_grid(grid, set_)  # validated before Ray or MLflow start
     console.print(f"[bold]{spec.name}[/]: {len(trials)} trials ({len({t.label for t in trials})} methods x "
                   f"{len(spec.seeds)} seeds){' + meta-training stage' if meta else ''}", highlight=False)
-    from orchestrator.progress import TuneProgress
     from orchestrator.study import run_ablation
 
-    _report_study(run_ablation(grid, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus,
-                                retrain_phi=retrain_phi))
+    with study_console(spec.name) as progress:
+        r = run_ablation(grid, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
+                         retrain_phi=retrain_phi, verbose=verbose)
+    _report_study(r)
 
 
 @app.command()
@@ -149,6 +166,7 @@ def tune(
     address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Search hyper-parameters with Optuna under Ray Tune (TPE; NSGA-II for two objectives; optional ASHA)."""
     from orchestrator.search import load_search
@@ -156,10 +174,12 @@ def tune(
     spec, _ = load_search(space, set_)  # validated before Ray or MLflow start
     console.print(f"[bold]{spec.name}[/]: {spec.num_samples} trials, objectives "
                   f"{', '.join(o.metric + ' ' + o.mode for o in spec.objectives)}", highlight=False)
-    from orchestrator.progress import TuneProgress
     from orchestrator.search import run_search
 
-    _report_study(run_search(space, set_, out, address, tracking_uri, progress=TuneProgress(), num_cpus=num_cpus))
+    with study_console(spec.name) as progress:
+        r = run_search(space, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
+                       verbose=verbose)
+    _report_study(r)
 
 
 @app.command()
@@ -167,6 +187,7 @@ def resume(
     study: Path = typer.Argument(..., help="A study directory (OUT/<name>) of an interrupted `taalm ablate`."),
     address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Resume an interrupted ablation: finished trials are kept, the others continue from their checkpoints."""
     from orchestrator.specs import StudyRecord
@@ -175,11 +196,12 @@ def resume(
     if s.kind != "grid" or not s.source or not s.out_root:
         raise InputError(str(study / "study.json"),
                          "only ablation studies (taalm ablate) can be resumed; re-run `taalm tune`")
-    from orchestrator.progress import TuneProgress
     from orchestrator.study import run_ablation
 
-    _report_study(run_ablation(s.source, s.overrides, s.out_root, address, s.tracking_uri,
-                               progress=TuneProgress(), num_cpus=num_cpus, resume=True))
+    with study_console(s.name) as progress:
+        r = run_ablation(s.source, s.overrides, s.out_root, address, s.tracking_uri, progress=progress,
+                         num_cpus=num_cpus, resume=True, verbose=verbose)
+    _report_study(r)
 
 
 @app.command()

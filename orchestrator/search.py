@@ -177,11 +177,12 @@ def label_of(sampled: dict) -> str:
 
 def run_search(path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
-               num_cpus: Optional[int] = None) -> dict:
+               num_cpus: Optional[int] = None, verbose: bool = False) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from .console import configure_output
     from .ray_trainables import trial_resources
     from .study import init_ray
     from .tracking import MlflowTrials, Study, default_tracking_uri
@@ -192,6 +193,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     uri = tracking_uri or default_tracking_uri(study_dir)
     StudyRecord(kind="search", name=spec.name, source=str(Path(path).resolve()), overrides=overrides or [],
                 tracking_uri=uri, out_root=str(Path(out_root).resolve())).write(study_dir)
+    configure_output(study_dir, verbose)
     init_ray(address, num_cpus)
     study = Study(uri, spec.name, study_dir)
     metrics = [o.metric for o in spec.objectives]
@@ -225,6 +227,9 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
                                   + ([progress] if progress else []),
                                   verbose=0),
     )
+    if hasattr(progress, "expect"):
+        progress.expect("trials", [], spec.resources.max_concurrent)
+        progress.total = spec.num_samples
     results = tuner.fit()
     failed = sum(1 for r in results if r.error)
     study.finish()

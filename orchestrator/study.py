@@ -157,6 +157,8 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
                                   resources=spec.resources.model_copy(update={
                                       "workers": 1, "cpus_per_worker": cpus, "torch_threads": max(1, int(cpus))})))
     if todo:
+        if hasattr(progress, "expect"):
+            progress.expect("meta-training φ", [(t.trial_key, t.label, None) for t in todo], 1)
         results = _tune(todo, info, study, f"{spec.name}-meta", study_dir, spec, progress, resume)
         errors = [r.error for r in results if r.error]
         if errors:
@@ -166,7 +168,12 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
 
 def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                  address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
-                 num_cpus: Optional[int] = None, resume: bool = False, retrain_phi: bool = False) -> dict:
+                 num_cpus: Optional[int] = None, resume: bool = False, retrain_phi: bool = False,
+                 verbose: bool = False) -> dict:
+    """Run (or resume) an ablation grid; ``progress``: a Tune callback, e.g. the CLI's
+    :class:`~orchestrator.console.StudyConsole` (told each stage's trials through ``expect``)."""
+    from .console import configure_output
+
     from .ray_trainables import injected_faults
 
     spec, trials, meta_cfg = load_grid(grid_path, overrides)  # everything validated before anything starts
@@ -178,6 +185,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 overrides=overrides or [], tracking_uri=uri, out_root=str(Path(out_root).resolve()),
                 reference=spec.reference,
                 trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
+    configure_output(study_dir, verbose)
     init_ray(address, num_cpus)
     study = Study(uri, spec.name, study_dir, spec.protocol)
     if meta_cfg is not None:
@@ -196,6 +204,11 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
         specs.append(TrialSpec(kind="temporalwiki" if spec.protocol == "temporalwiki" else "continual",
                                trial_key=t.key, label=t.label, config=cfg, resources=spec.resources,
                                storage_path=str((study_dir / "train").resolve()), inject_fault=faults.get(t.label)))
+    if hasattr(progress, "expect"):
+        epochs = (lambda c: len(c["temporalwiki"]["periods"])) if spec.protocol == "temporalwiki" else \
+            (lambda c: c["train"]["epochs"])
+        progress.expect("trials", [(s.trial_key, f"{s.label} seed {s.config['seed']}", epochs(s.config))
+                                   for s in specs], spec.resources.max_concurrent)
     results = _tune(specs, info, study, spec.name, study_dir, spec, progress, resume)
     failed = [r for r in results if r.error]
     study.finish("FAILED" if failed and len(failed) == len(specs) else "FINISHED")

@@ -1,0 +1,274 @@
+"""What a user sees while a study runs.
+
+:class:`StudyConsole` is a Tune callback that knows the study's trials before they start (so counts are out
+of the study's total, not out of what Tune has created so far). On a terminal it draws one live table
+(rich): every trial's state, epoch, current TO-LEARN / NOT-TO-FORGET accuracy and time, with the study's
+elapsed and estimated remaining time; elsewhere (CI, a pipe) it prints one plain line per epoch and per
+finished or failed trial. Failed trials stay visible with their reason.
+
+:func:`configure_output` turns Ray's, Tune's and MLflow's own console chatter off (their start-up lines,
+Tune's boxed experiment table and its "View detailed results" / TensorBoard hints, the token-authentication
+warning, artifact download bars) and sends their log records to ``<study>/logs/study.log`` instead;
+``--verbose`` leaves them on the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ray import tune
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna")
+
+
+def configure_output(study_dir: Optional[Path], verbose: bool = False) -> Optional[Path]:
+    """Before Ray starts. Ray's, Tune's, MLflow's and Optuna's log records (INFO and up) go to
+    ``<study>/logs/study.log``; on the console only their errors, unless ``verbose``. Also silences Tune's own
+    progress output (its boxed experiment table, "View detailed results", the TensorBoard hint) and MLflow's
+    download bars. Returns the log file."""
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter: silent at verbose=0
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # noqa: F401  (configures its loggers on import: do it before adjusting them)
+    import ray.tune  # noqa: F401
+
+    path = None
+    if study_dir is not None:
+        path = Path(study_dir) / "logs" / "study.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for name in NOISY_LOGGERS:
+        lg = logging.getLogger(name)
+        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+            lg.setLevel(logging.INFO)
+        if path is not None and not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()
+                                        for h in lg.handlers):
+            fh = logging.FileHandler(path)
+            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            lg.addHandler(fh)
+        streams = [h for h in lg.handlers
+                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        if not streams:
+            streams = [logging.StreamHandler(sys.stderr)]
+            lg.addHandler(streams[0])
+        for h in streams:
+            h.setLevel(logging.NOTSET if verbose else logging.ERROR)
+        lg.propagate = False  # their records reach the console through these handlers only
+    return path
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None or s != s:
+        return "–"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@dataclass
+class TrialView:
+    name: str  # "TAALM seed 0"
+    total_epochs: Optional[int]  # None: unknown (meta-training, searches before the first result)
+    state: str = "pending"
+    epoch: Optional[int] = None
+    to_learn: Optional[float] = None
+    ntf: Optional[float] = None
+    started: Optional[float] = None
+    first_result: Optional[float] = None
+    ended: Optional[float] = None
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def elapsed(self, now: float) -> Optional[float]:
+        return None if self.started is None else (self.ended or now) - self.started
+
+    def expected_duration(self, now: float) -> Optional[float]:
+        """A running trial's whole duration, extrapolated from its epochs so far."""
+        if self.ended is not None:
+            return self.ended - self.started
+        if self.started is None or self.first_result is None or not self.epoch or not self.total_epochs:
+            return None
+        per_epoch = (now - self.first_result) / self.epoch
+        return (self.first_result - self.started) + per_epoch * self.total_epochs
+
+
+class StudyConsole(tune.Callback):
+    """A Tune callback drawing the study's progress (see the module docstring)."""
+
+    def __init__(self, name: str = "study", interactive: Optional[bool] = None, console: Optional[Console] = None):
+        self.console = console or Console(stderr=True)
+        self.interactive = self.console.is_terminal if interactive is None else interactive
+        self.name = name
+        self.views: dict[str, TrialView] = {}
+        self.stage = ""
+        self.concurrency = 1
+        self.total: Optional[int] = None  # trials of this stage (a search knows the number, not the trials)
+        self.t0 = time.monotonic()
+        self.live: Optional[Live] = None
+
+    # -- what the study tells us before Tune starts ---------------------------------------------------------
+
+    def expect(self, stage: str, trials: list[tuple[str, str, Optional[int]]], concurrency: int) -> None:
+        """The next Tune run's trials: (trial key, display name, epochs or None)."""
+        self.stage, self.concurrency, self.total = stage, max(1, concurrency), len(trials) or None
+        for key, name, epochs in trials:
+            self.views.setdefault(key, TrialView(name, epochs))
+        self._stage_keys = [k for k, _, _ in trials]
+        if not self.interactive and trials:
+            self.console.print(f"{self.name}: {stage}: {len(trials)} trial(s), {self.concurrency} at a time",
+                               highlight=False, soft_wrap=True)
+        self._refresh()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    # -- Tune's events ------------------------------------------------------------------------------------
+
+    def _view(self, trial) -> TrialView:
+        t = trial.config.get("t") if isinstance(trial.config, dict) else None
+        key = t["trial_key"] if t else trial.trial_id
+        if key not in self.views:  # a search trial: known once Tune samples it
+            sampled = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                                for k, v in sorted(trial.config.items()))
+            self.views[key] = TrialView(f"{trial.trial_id}: {sampled}", None)
+            self._stage_keys = list(dict.fromkeys(getattr(self, "_stage_keys", []) + [key]))
+        return self.views[key]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        v = self._view(trial)
+        v.state, v.started, v.ended = "running", v.started or time.monotonic(), None
+        self._refresh()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        v = self._view(trial)
+        now = time.monotonic()
+        v.state = "running"
+        v.started = v.started or now
+        if "val_acc" in result:  # meta-training: a validation check
+            v.epoch = result.get("step")
+            v.extra["validation"] = (f"step {result.get('step')}: validation acc {result['val_acc']:.3f}, weight on "
+                                     f"object tokens {result.get('object_weight_share', float('nan')):.1%}")
+            if not self.interactive:
+                self.console.print(f"  {v.name} {v.extra['validation']}", highlight=False, soft_wrap=True)
+        elif "epoch" in result:
+            if v.first_result is None:
+                v.first_result = now
+            v.epoch = int(result["epoch"])
+            if v.total_epochs is None and isinstance(result.get("config"), dict):
+                v.total_epochs = result["config"].get("train", {}).get("epochs")
+            v.to_learn, v.ntf = result.get("to_learn_acc"), result.get("ntf_acc")
+            if "changed_ppl" in result:
+                v.extra["ppl"] = f"CHANGED ppl {result['changed_ppl']:.2f}  UNCHANGED ppl {result['unchanged_ppl']:.2f}"
+            if not self.interactive:
+                self.console.print(f"  {v.name} epoch {v.epoch}{'/' + str(v.total_epochs) if v.total_epochs else ''}: "
+                                   + (v.extra.get("ppl") or f"TO-LEARN {v.to_learn:.3f}  NTF {v.ntf:.3f}"),
+                                   highlight=False, soft_wrap=True)
+        self._refresh()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        v = self._view(trial)
+        v.state, v.ended = "done", time.monotonic()
+        if not self.interactive:
+            self.console.print(f"trial done: {v.name} ({self._progress_text()})", highlight=False, soft_wrap=True)
+        self._refresh()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from .tracking import failure_reason
+
+        v = self._view(trial)
+        v.state, v.ended, v.reason = "FAILED", time.monotonic(), failure_reason(trial)
+        msg = f"trial FAILED: {v.name}: {v.reason} ({self._progress_text()})"
+        if self.live is not None:
+            self.live.console.print(Text(msg, style="bold red"))
+        else:
+            self.console.print(Text(msg, style="bold red"), soft_wrap=True)
+        self._refresh()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        v = self._view(trial)
+        v.state = "retrying"
+        if not self.interactive:
+            self.console.print(f"trial retried: {v.name}", highlight=False)
+        self._refresh()
+
+    def on_experiment_end(self, trials, **info):
+        self._refresh()
+
+    # -- rendering ----------------------------------------------------------------------------------------
+
+    def _stage_views(self) -> list[TrialView]:
+        return [self.views[k] for k in getattr(self, "_stage_keys", []) if k in self.views]
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left in this stage: the running trials' extrapolated rest plus the pending trials at the
+        mean (expected) trial duration, spread over the concurrency."""
+        now = time.monotonic()
+        views = self._stage_views()
+        known = [d for d in (v.expected_duration(now) for v in views if v.state in ("done", "running")) if d]
+        if not known:
+            return None
+        mean = sum(known) / len(known)
+        work = mean * max(0, (self.total or 0) - len(views))  # not sampled yet (searches)
+        for v in views:
+            if v.state in ("running", "retrying"):
+                d = v.expected_duration(now) or mean
+                work += max(0.0, d - (v.elapsed(now) or 0.0))
+            elif v.state == "pending":
+                work += mean
+        return work / self.concurrency
+
+    def _progress_text(self) -> str:
+        views = self._stage_views()
+        done = sum(v.state == "done" for v in views)
+        failed = sum(v.state == "FAILED" for v in views)
+        left = self.remaining()
+        n = max(len(views), self.total or 0)
+        return (f"{done}/{n} done" + (f", {failed} failed" if failed else "")
+                + f", {_fmt_time(time.monotonic() - self.t0)} elapsed"
+                + (f", ~{_fmt_time(left)} left" if left is not None and done + failed < n else ""))
+
+    def _table(self) -> Group:
+        now = time.monotonic()
+        views = self._stage_views()
+        running = sum(v.state == "running" for v in views)
+        header = Text.assemble((self.name, "bold"), f" · {self.stage} · {self._progress_text()}, {running} running")
+        t = Table(expand=False)
+        for col in ("trial", "state", "epoch", "TO-LEARN", "NTF", "time"):
+            t.add_column(col, justify="right" if col in ("epoch", "TO-LEARN", "NTF", "time") else "left")
+        style = {"done": "green", "running": "cyan", "FAILED": "bold red", "retrying": "yellow", "pending": "dim"}
+        for v in views:
+            epoch = "" if v.epoch is None else f"{v.epoch}" + (f"/{v.total_epochs}" if v.total_epochs else "")
+            acc = lambda x: "" if x is None or x != x else f"{x:.3f}"  # noqa: E731
+            state = v.state + (f": {v.reason[:60]}" if v.reason else "")
+            t.add_row(v.name, Text(state, style=style.get(v.state, "")), epoch, acc(v.to_learn), acc(v.ntf),
+                      _fmt_time(v.elapsed(now)))
+            if v.extra.get("validation"):
+                t.add_row("", Text(v.extra["validation"], style="dim"), "", "", "", "")
+        return Group(header, t)
+
+    def _refresh(self) -> None:
+        if not self.interactive:
+            return
+        if self.live is None:
+            self.live = Live(self._table(), console=self.console, refresh_per_second=1, transient=False,
+                             get_renderable=self._table)
+            self.live.start()
+        else:
+            self.live.update(self._table())
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment state
+        return {k: v for k, v in self.__dict__.items() if k not in ("live", "console")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.console, self.live = Console(stderr=True), None
