@@ -157,9 +157,40 @@ def test_seekr_ranks_heads_and_respects_the_budget(tiny_cfg):
     assert all(s >= 0 for row in rep.scores["forgettability"] for s in row)
 
 
+def test_ewc_penalty_and_its_gradient_on_a_crafted_parameter():
+    from trainables.config import RegularizerConfig, TrainConfig
+    from trainables.regularizers import build_regularizer
+
+    ewc = build_regularizer(RegularizerConfig(kind="ewc", ewc={"lam": 2.0}), TrainConfig())
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    ewc.params, ewc.anchor, ewc.fisher = [p], [torch.tensor([1.0, -1.0, 0.0])], [torch.tensor([5.0, 0.5, 0.0])]
+    loss = ewc.extra_loss(None, None, None)
+    assert loss.item() == pytest.approx(0.5 * 2.0 * (5.0 * 0 + 0.5 * 1 + 0.0 * 9))  # λ/2 Σ F (θ - θ*)²
+    loss.backward()
+    assert p.grad.tolist() == pytest.approx([0.0, 2.0 * 0.5 * -1.0, 0.0])  # λ F (θ - θ*)
+
+
+def test_ewc_fisher_on_general_text_and_its_pull(tiny_cfg):
+    """setup: θ* = the trainable parameters before training, F ≥ 0 and not all 0, estimated on the disjoint
+    pool; a strong λ keeps θ nearer θ* than no penalty does, on the same run otherwise."""
+    dist = {}
+    for lam in (0.0, 1e4):
+        cfg = tiny_cfg("params.kind=full", "train.epochs=1", "regularizer.kind=ewc", f"regularizer.ewc.lam={lam}",
+                       "regularizer.ewc.batches=2")
+        setup = prepare_run(cfg)
+        ewc = setup.regularizer
+        assert all(torch.equal(a, p) for a, p in zip(ewc.anchor, setup.trainable.values()))
+        assert all((f >= 0).all() for f in ewc.fisher) and sum(f.sum() for f in ewc.fisher) > 0
+        m = continual_update(cfg, setup=setup)
+        assert "disjoint" in m["ewc_fisher_pool"]
+        dist[lam] = sum(float(((p - a) ** 2).sum()) for p, a in zip(setup.trainable.values(), ewc.anchor))
+    assert dist[1e4] < dist[0.0]
+
+
 @pytest.mark.parametrize("overrides", [
     ("params.kind=kadapter",),
     ("regularizer.kind=recadam", "regularizer.recadam.t0=2", "regularizer.recadam.pretrain_coef=100"),
+    ("regularizer.kind=ewc", "regularizer.ewc.batches=2", "weighting.scheme=oracle"),
     ("replay.kind=mix_review",),
     ("replay.kind=gere",),
     ("replay.kind=gere", "replay.gere.loss=kl"),

@@ -146,9 +146,17 @@ class RecAdamOptions(_Strict):
     pretrain_coef: float = Field(5000.0, ge=0)  # γ of the quadratic pull towards θ*
 
 
+class EWCOptions(_Strict):
+    lam: float = Field(1.0, ge=0)  # λ of the penalty λ/2 · Σ F (θ - θ*)²
+    # the documents the Fisher information is estimated on: general text, as for replay (disjoint, ntf, a file)
+    pool: str = "disjoint"
+    batches: int = Field(4, ge=1)  # batches of train.batch_size documents
+
+
 class RegularizerConfig(_Strict):
-    kind: str = "none"  # a name of trainables.registry.REGULARIZERS: none, recadam
+    kind: str = "none"  # a name of trainables.registry.REGULARIZERS: none, recadam, ewc
     recadam: RecAdamOptions = RecAdamOptions()
+    ewc: EWCOptions = EWCOptions()
 
     @field_validator("kind")
     @classmethod

@@ -1,8 +1,8 @@
 """Regularisers of θ's update (the regulariser axis).
 
 A regulariser is a :class:`Regularizer` registered under a name: it supplies the optimizer
-(``optimizer(params)``; default: ``train.optimizer``) and may add a loss term (``extra_loss``, e.g. an
-EWC penalty). Registered: ``none`` and ``recadam``.
+(``optimizer(params)``; default: ``train.optimizer``) and may add a loss term (``extra_loss``). Registered:
+``none``, ``recadam`` and ``ewc``.
 
 RecAdam (Chen et al. 2020): Adam whose step is annealed from a quadratic pull towards the pre-trained
 weights θ* to the task update:
@@ -17,9 +17,11 @@ LoRA: the initial adapter, i.e. the pre-trained function).
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
+from . import seeds
 from .component import Component
 from .config import RecAdamOptions, RegularizerConfig, TrainConfig
 from .registry import REGULARIZERS
@@ -102,3 +104,52 @@ class RecAdam(torch.optim.Optimizer):
 class RecAdamRegularizer(Regularizer):
     def optimizer(self, params):
         return RecAdam(params, lr=self.train.lr, opts=self.options.recadam, weight_decay=self.train.weight_decay)
+
+
+@REGULARIZERS.register("ewc")
+class EWC(Regularizer):
+    """Elastic weight consolidation (Kirkpatrick et al. 2017): a quadratic pull of each trainable parameter
+    towards its value before training, θ*, weighted by how much the pre-trained model's predictions on
+    general text depend on it (the diagonal Fisher information F):
+
+        extra loss = λ/2 · Σ_i F_i (θ_i - θ*_i)²
+
+    F is estimated once in ``setup`` as the mean squared gradient of the plain LM loss over
+    ``regularizer.ewc.batches`` batches of the ``regularizer.ewc.pool`` documents (the empirical Fisher, per
+    batch rather than per example, to keep it one backward per batch)."""
+
+    def setup(self, run) -> None:
+        from .encode import collate, encode_document
+        from .loss import prediction_mask, token_nll, weighted_loss
+        from .replay import load_pool_texts
+
+        o = self.options.ewc
+        texts, self.description = load_pool_texts(o.pool, run.split, run.lama, key="regularizer.ewc.pool")
+        docs = [encode_document(run.tokenizer, t, "", run.cfg.train.max_length) for t in texts if t.strip()]
+        rng = random.Random(seeds.ewc_fisher(run.cfg.seed))
+        n = run.cfg.train.batch_size
+        params = list(run.trainable.values())
+        self.anchor = [p.detach().clone() for p in params]
+        self.fisher = [torch.zeros_like(p) for p in params]
+        was = run.model.training
+        run.model.eval()  # no dropout: F is a property of the pre-trained model
+        for _ in range(o.batches):
+            b = collate(rng.sample(docs, min(n, len(docs))), run.pad_id)
+            b = {k: v.to(run.device) for k, v in b.items()}
+            out = run.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            loss = weighted_loss(token_nll(out.logits, b["input_ids"], b["attention_mask"]),
+                                 prediction_mask(b["attention_mask"]))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for f, g in zip(self.fisher, grads):
+                if g is not None:
+                    f.add_(g.detach() ** 2 / o.batches)
+        run.model.train(was)
+        self.params = params
+
+    def extra_loss(self, run, out, batch):
+        lam = self.options.ewc.lam
+        return 0.5 * lam * sum((f * (p - a) ** 2).sum() for f, p, a in zip(self.fisher, self.params, self.anchor))
+
+    def describe(self) -> dict:
+        return {"ewc_fisher_pool": self.description,
+                "ewc_fisher_sum": float(sum(f.sum() for f in self.fisher))}

@@ -39,20 +39,21 @@ class TextRecord(BaseModel):
     text: str
 
 
-def load_pool_texts(cfg: ReplayConfig, split, lama) -> tuple[list[str], str]:
-    """(texts, a description of the pool for the metrics). ``split``/``lama`` are None outside LAMA-CKL
-    (TemporalWiki), where only a file pool applies."""
-    if cfg.pool in ("disjoint", "ntf") and (split is None or lama is None):
-        raise InputError("replay.pool", f"the {cfg.pool!r} pool is LAMA-CKL evidence; outside LAMA-CKL (TemporalWiki) "
-                                        "give a JSON-lines file with a `text` field")
-    if cfg.pool == "disjoint":
+def load_pool_texts(pool: str, split, lama, key: str = "replay.pool") -> tuple[list[str], str]:
+    """The texts of a pool of general / old documents, and a description for the metrics: ``disjoint``,
+    ``ntf`` or a JSON-lines file (see the module docstring). ``split``/``lama`` are None outside LAMA-CKL
+    (TemporalWiki), where only a file pool applies; ``key`` names the config key in errors."""
+    if pool in ("disjoint", "ntf") and (split is None or lama is None):
+        raise InputError(key, f"the {pool!r} pool is LAMA-CKL evidence; outside LAMA-CKL (TemporalWiki) "
+                              "give a JSON-lines file with a `text` field")
+    if pool == "disjoint":
         taken = {f.uuid for f in split.to_learn} | {f.uuid for f in split.ntf}
         facts = sorted((f for f in lama.all_facts() if f.uuid not in taken), key=lambda f: f.uuid)
         return [f.evidence for f in facts], "disjoint: LAMA-CKL evidence outside TO-LEARN and NOT-TO-FORGET"
-    if cfg.pool == "ntf":
+    if pool == "ntf":
         return [f.evidence for f in split.ntf], "ntf (LEAKY: the NOT-TO-FORGET evidence, as the release did)"
-    rows = read_jsonl_validated(Path(cfg.pool), TextRecord)
-    return [r.text for _, r in rows], f"file: {cfg.pool}"
+    rows = read_jsonl_validated(Path(pool), TextRecord)
+    return [r.text for _, r in rows], f"file: {pool}"
 
 
 class Replay(Component):
@@ -69,7 +70,7 @@ class Replay(Component):
 
     def setup(self, run) -> None:
         """Read and encode the pool (its seeded subsample when ``replay.size`` is set)."""
-        texts, self.description = load_pool_texts(self.cfg, run.split, run.lama)
+        texts, self.description = load_pool_texts(self.cfg.pool, run.split, run.lama)
         if self.cfg.size is not None and self.cfg.size < len(texts):
             texts = random.Random(seeds.replay_pool(self.seed)).sample(texts, self.cfg.size)
         self.docs = [encode_document(run.tokenizer, t, "", run.cfg.train.max_length) for t in texts if t.strip()]

@@ -45,6 +45,11 @@ def replay_pool(seed: int) -> int:
     return seed + 5
 
 
+def ewc_fisher(seed: int) -> int:
+    """The general-text batches EWC estimates the Fisher information on."""
+    return seed + 29
+
+
 def seekr_probe(seed: int) -> int:
     """The replay batches SEEKR ranks its attention heads on."""
     return seed + 17
