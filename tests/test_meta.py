@@ -101,23 +101,26 @@ def test_meta_gradient_matches_finite_differences(f64_setup, optimizer, lr, dumm
 def test_batched_meta_gradient_equals_one_example_at_a_time(tokenizer, f64_model, f64_setup, objective, optimizer,
                                                             lr, dummy_loop, inner_steps):
     """meta.batching=vmap (the meta-batch's inner loops together, padded to the longest document and probe)
-    computes the same objective and φ-gradient as running the examples one after another."""
+    computes the same objective and φ-gradient as running the examples one after another; so does vmap in
+    groups (meta.vmap_chunk=2: a group of 2 and a group of 1, each padded to its own longest)."""
     theta, theta0, phi, _ = f64_setup
     facts = sorted(load_lama().facts["variant"], key=lambda f: len(f.evidence))
     examples = [make_example(tokenizer, f, "descriptive", 128, "cpu") for f in (facts[0], facts[20], facts[40])]
     assert len({ex.doc["input_ids"].size(1) for ex in examples}) == 3  # padding is exercised (lengths differ)
     assert len({ex.probe_ids.size(1) for ex in examples}) > 1
     out = {}
-    for batching in ("vmap", "sequential"):
+    for name, batching, chunk in (("vmap", "vmap", None), ("chunked", "vmap", 2), ("sequential", "sequential", None)):
         opts = MetaOptions(inner_optimizer=optimizer, inner_lr=lr, dummy_loop=dummy_loop, inner_steps=inner_steps,
-                           objective=objective, batching=batching)
+                           objective=objective, batching=batching, vmap_chunk=chunk)
         inner = Inner(theta, theta0, opts, pad_id=tokenizer.pad_token_id)
-        out[batching] = meta_gradient(inner, phi, examples)
+        out[name] = meta_gradient(inner, phi, examples)
         assert inner.batching_off is None
-    (ov, gv), (os_, gs) = out["vmap"], out["sequential"]
-    assert ov == pytest.approx(os_, rel=1e-10)
-    for k in gs:
-        assert torch.allclose(gv[k], gs[k], rtol=1e-8, atol=1e-12), (k, (gv[k] - gs[k]).abs().max().item(), gs[k].abs().max().item())
+    os_, gs = out["sequential"]
+    for name in ("vmap", "chunked"):
+        ov, gv = out[name]
+        assert ov == pytest.approx(os_, rel=1e-10)
+        for k in gs:
+            assert torch.allclose(gv[k], gs[k], rtol=1e-8, atol=1e-12), (name, k, (gv[k] - gs[k]).abs().max().item())
     assert sum(g.abs().sum() for g in gs.values()) > 0
 
 

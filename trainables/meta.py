@@ -70,6 +70,9 @@ class MetaOptions(_Strict):
     # padded to the batch's longest), the same mathematics as "sequential" (one example after another);
     # falls back to sequential, with a logged reason, where it cannot batch
     batching: Literal["vmap", "sequential"] = "vmap"
+    # vmap: examples per vmapped group; the groups' φ-gradients are summed into the meta-batch's mean (the
+    # same mathematics; the second-order graph alive at once, hence the peak memory, scales with the group)
+    vmap_chunk: Optional[int] = Field(None, ge=1)
 
     @field_validator("inner_optimizer")
     @classmethod
@@ -297,14 +300,23 @@ def _sequential_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[Meta
 
 def _batched_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample],
                       pad_id: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """The meta-batch vmapped, in groups of ``meta.vmap_chunk`` examples (default: all at once)."""
     phi_params = phi_trainable(phi)
     names = list(phi_params)
-    docs = _collate_docs(batch, pad_id)
-    w = phi.weights(docs["input_ids"], docs["attention_mask"]).to(next(iter(inner.theta0.values())).dtype)
-    objs = inner.batched_objectives(docs, w, _collate_probes(batch, pad_id))
-    grads = torch.autograd.grad(objs.mean(), [phi_params[k] for k in names], allow_unused=True)
-    total = {k: (g.detach() if g is not None else torch.zeros_like(phi_params[k])) for k, g in zip(names, grads)}
-    return objs.detach().mean().item(), total
+    total = {k: torch.zeros_like(p) for k, p in phi_params.items()}
+    objs: list[float] = []
+    size = inner.opts.vmap_chunk or len(batch)
+    for i in range(0, len(batch), size):
+        group = batch[i:i + size]
+        docs = _collate_docs(group, pad_id)
+        w = phi.weights(docs["input_ids"], docs["attention_mask"]).to(next(iter(inner.theta0.values())).dtype)
+        o = inner.batched_objectives(docs, w, _collate_probes(group, pad_id))
+        grads = torch.autograd.grad(o.sum() / len(batch), [phi_params[k] for k in names], allow_unused=True)
+        for k, g in zip(names, grads):
+            if g is not None:
+                total[k] += g.detach()
+        objs.extend(o.detach().tolist())
+    return mean(objs), total
 
 
 def meta_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample],
