@@ -257,23 +257,28 @@ def ui(
                            "orderByAsc": "false"})
         console.print(f"Study {name}: http://{host}:{port}/#/experiments/{exp.experiment_id}/runs?{query}",
                       highlight=False, soft_wrap=True)
+    # no job runner: its seven huey consumers serve GenAI features (scorers, issue detection) a study has no use
+    # for, and on two cores they slow the server's start and stop (set the variable to true to have them)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                               "false")}
     raise typer.Exit(serve_until_signalled([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                                            "--host", host, "--port", str(port), "--workers", "1"]))
+                                            "--host", host, "--port", str(port), "--workers", "1"], env=env))
 
 
-def serve_until_signalled(cmd: list[str], grace_s: float = 20.0) -> int:
+def serve_until_signalled(cmd: list[str], grace_s: float = 20.0, env: Optional[dict] = None) -> int:
     """Run a server in its own process group; SIGTERM / SIGINT to us are forwarded to the whole group
     (mlflow server starts a uvicorn worker of its own) and we wait for it, so a process manager's `kill`
     leaves no child behind and the port free."""
     import os
     import signal
     import subprocess
+    import time
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    stopping = []
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    stopping = []  # monotonic time of the first SIGTERM / SIGINT
 
     def forward(signum, _frame):
-        stopping.append(signum)
+        stopping.append(time.monotonic())
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -282,11 +287,12 @@ def serve_until_signalled(cmd: list[str], grace_s: float = 20.0) -> int:
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
-            try:
-                code = proc.wait(timeout=grace_s if stopping else None)
+            try:  # short waits: a signal during a wait restarts it, the grace period is checked here
+                code = proc.wait(timeout=0.5)
                 break
-            except subprocess.TimeoutExpired:  # the server ignored SIGTERM: end it
-                os.killpg(proc.pid, signal.SIGKILL)
+            except subprocess.TimeoutExpired:
+                if stopping and time.monotonic() - stopping[0] > grace_s:  # part of the server ignored SIGTERM
+                    os.killpg(proc.pid, signal.SIGKILL)
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)

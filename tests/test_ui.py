@@ -15,7 +15,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answer(port: int, deadline_s: float = 90):
+def _answer(port: int, deadline_s: float = 300):  # a loaded machine starts mlflow server slowly
     body, deadline = None, time.time() + deadline_s
     while time.time() < deadline and body is None:
         try:

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([CHROMIUM, *FLAGS, *extra, f"--user-data-dir={profile}", url], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
 
 
 def _dom(url: str, profile: Path) -> str:
@@ -85,7 +85,7 @@ def test_experiment_and_trial_pages_in_headless_chromium(tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline, up = time.time() + 120, False
+        deadline, up = time.time() + 300, False  # a loaded machine starts mlflow server slowly
         while time.time() < deadline and not up and proc.poll() is None:
             try:
                 up = urllib.request.urlopen(base + "/", timeout=5).status == 200
