@@ -214,6 +214,9 @@ def report(
     reference: Optional[str] = typer.Option(None, "--reference",
                                             help="Method the paired differences are taken against "
                                                  "(default: the grid's `reference`, else Finetune)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+                                         help="Report every trial over its first N epochs only (Top Acc, NF Acc, "
+                                              "paired differences recomputed from the per-epoch results)."),
 ):
     """Build the table (Markdown, CSV, Parquet), paired differences, curves and Pareto plot from MLflow."""
     from orchestrator.report import write_report
@@ -225,7 +228,7 @@ def report(
         records = [StudyRecord.read(s) for s in studies]
         sources = [(r.tracking_uri, r.name) for r in records]
         reference = reference or records[0].reference
-    rep = write_report(*sources[0], out or studies[0] / "report", reference, more=sources[1:])
+    rep = write_report(*sources[0], out or studies[0] / "report", reference, more=sources[1:], epochs=epochs)
     print(rep["markdown"])
     console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, paired.csv, curves.png, "
                   f"pareto.png)", highlight=False, soft_wrap=True)
@@ -385,6 +388,7 @@ def data_tailor(
 
 def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports read artifacts quietly
     try:
         app(args=argv, standalone_mode=False)
     except InputError as e:

@@ -226,11 +226,33 @@ def failures(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def at_horizon(rows: list[dict], epochs: int) -> list[dict]:
+    """The rows as if every trial had been trained ``epochs`` epochs: curves and per-fact accuracies cut after
+    that epoch, Top Acc / Epoch / NF Acc / Total Knowledge recomputed from the cut curves. (Training is
+    deterministic epoch by epoch, so this equals a run of that many epochs; a shorter trial is left as it is.)"""
+    from trainables.metrics import summarize
+
+    out = []
+    for r in rows:
+        r = dict(r, curves={k: {e: v for e, v in c.items() if e <= epochs} for k, c in r["curves"].items()})
+        tl, nf = r["curves"].get("to_learn_acc", {}), r["curves"].get("ntf_acc", {})
+        if tl and r["status"] == "FINISHED":
+            steps = sorted(tl)
+            r.update(summarize([tl[e] for e in steps], [nf.get(e, float("nan")) for e in steps]))
+        pf = r.get("per_fact")
+        if pf:
+            keep = [i for i, e in enumerate(pf["epochs"]) if e <= epochs]
+            r["per_fact"] = dict(pf, epochs=[pf["epochs"][i] for i in keep], to_learn=[pf["to_learn"][i] for i in keep],
+                                 ntf=[pf["ntf"][i] for i in keep])
+        out.append(r)
+    return out
+
+
 def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: str | None = None,
-                 more: "list[tuple[str, str]]" = ()) -> dict:
+                 more: "list[tuple[str, str]]" = (), epochs: int | None = None) -> dict:
     """Build the report of a study; ``more`` = further (tracking URI, experiment) pairs whose trials join
     the same table (e.g. the seeds of one grid run as two studies). A method and seed found in two
-    studies is an error."""
+    studies is an error. ``epochs``: report every trial over its first epochs only (:func:`at_horizon`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,6 +280,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
             seen[(r["label"], r["seed"])] = name
             rows.append(r)
         rows.sort(key=lambda r: (r["order"], r["start"]))
+    if epochs is not None:
+        rows = at_horizon(rows, epochs)
     tab = table(rows)
     if reference is not None and reference not in {e["method"] for e in tab}:
         from trainables.errors import InputError
@@ -266,7 +290,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
                                         f"(methods: {', '.join(e['method'] for e in tab)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     diffs = paired_differences(rows, reference)
-    md = markdown(tab, protocol) + paired_markdown(diffs) + failures(rows)
+    md = (f"Over epochs 0..{epochs} of every trial.\n\n" if epochs is not None else "") + \
+        markdown(tab, protocol) + paired_markdown(diffs) + failures(rows)
     (out_dir / "table.md").write_text(md + "\n")
     t = pa.Table.from_pylist(tab)
     pacsv.write_csv(t, out_dir / "table.csv")

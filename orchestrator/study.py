@@ -121,25 +121,33 @@ def _tune(specs: list[TrialSpec], info: dict, study: Study, name: str, study_dir
     return tuner.fit()
 
 
+def meta_data_hash(meta_cfg: dict) -> str:
+    """The hash of the data a meta config trains φ on (its records file, or LAMA-CKL)."""
+    from trainables.data import data_hash as hash_files, load_lama
+
+    if meta_cfg.get("records"):
+        return hash_files([Path(meta_cfg["records"])])
+    return load_lama(meta_cfg["data"].get("dir")).hash
+
+
+def phi_location(meta_cfg: dict, seed: int, data_hash: str) -> tuple[str, Path]:
+    """(the meta trial's key, φ's cache directory) for a meta config at a seed: where the meta stage puts φ."""
+    cfg = dict(meta_cfg, seed=seed)
+    key = "meta-" + hashlib.sha256(json.dumps([cfg, data_hash], sort_keys=True).encode()).hexdigest()[:10]
+    return key, phi_cache_dir({"cfg": cfg, "data_hash": data_hash})
+
+
 def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: Study, study_dir: Path,
                    progress=None, resume: bool = False, retrain: bool = False) -> dict[int, str]:
     """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice);
     a φ shipped in ablations/phi/ for exactly that config and data seeds the cache. ``retrain``: train
     anew, ignoring the cache and the shipped φ."""
-    from trainables.data import load_lama
-
-    if meta_cfg.get("records"):
-        from trainables.data import data_hash as hash_files
-
-        data_hash = hash_files([Path(meta_cfg["records"])])
-    else:
-        data_hash = load_lama(meta_cfg["data"].get("dir")).hash
+    data_hash = meta_data_hash(meta_cfg)
     seeds = sorted({t.seed for t in trials if t.needs_phi}) if spec.meta.per_seed else [meta_cfg["seed"]]
     phis, todo, info = {}, [], {}
     for seed in seeds:
         cfg = dict(meta_cfg, seed=seed)
-        key = "meta-" + hashlib.sha256(json.dumps([cfg, data_hash], sort_keys=True).encode()).hexdigest()[:10]
-        d = phi_cache_dir({"cfg": cfg, "data_hash": data_hash})
+        key, d = phi_location(meta_cfg, seed, data_hash)
         phis[seed] = str(d / "phi")
         info[key] = {"run_name": f"meta-train seed {seed}", "role": "meta", "params": {"meta": cfg},
                      "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}

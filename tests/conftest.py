@@ -1,4 +1,10 @@
+"""Shared fixtures: the tiny config, the tokenizer, a local Ray instance, free ports.
+
+Tests that start Ray, MLflow servers or a browser carry the ``integration`` marker (they run in CI like
+every other test; ``pytest -m "not integration"`` is the quick loop while editing)."""
+
 import os
+import socket
 
 import pytest
 
@@ -28,3 +34,27 @@ def tiny_cfg():
         return load_config(None, TINY_OVERRIDES + list(extra))
 
     return make
+
+
+def free_port_number() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    return free_port_number
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance with 2 CPUs on 127.0.0.1 for the module's tests (the one `taalm` starts)."""
+    import ray
+
+    from orchestrator.study import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()

@@ -6,7 +6,6 @@ MLflow client: nothing lost, nothing duplicated."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port_number
+
+pytestmark = pytest.mark.integration  # starts Ray / MLflow servers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,10 +102,6 @@ def _count(uri: str, experiment: str) -> list[dict]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -121,7 +120,6 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-@pytest.mark.integration
 def test_two_studies_into_one_store_at_once_lose_nothing(tmp_path):
     """Two `taalm ablate` at once into one sqlite file, and two at once into a `taalm ui` server given as
     --tracking-uri (all four running together, each with its own local Ray instance on one CPU; one trial of
@@ -130,7 +128,7 @@ def test_two_studies_into_one_store_at_once_lose_nothing(tmp_path):
     store.mkdir()
     record = {"kind": "grid", "name": "server_store", "tracking_uri": f"sqlite:///{store / 'mlflow.db'}"}
     (store / "study.json").write_text(json.dumps(record))
-    port = _free_port()
+    port = free_port_number()
     server_uri = f"http://127.0.0.1:{port}"
     ui = subprocess.Popen([TAALM, "ui", str(store), "--port", str(port)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)

@@ -3,22 +3,21 @@ every Ray server bound to 127.0.0.1 and the dashboard / job server on 127.0.0.1 
 with --address from this process, and again through `ray job submit`; in both, the trials run on both nodes.
 A local `taalm` Ray instance also listens on loopback only."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port_number
+
+pytestmark = pytest.mark.integration  # starts Ray / MLflow servers
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "ablations" / "smoke_tiny.yaml"
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(pids) -> set[tuple[str, int]]:
@@ -48,7 +47,7 @@ def two_nodes():
     from orchestrator.study import _keep_loopback
 
     _keep_loopback()
-    dashboard = _free_port()
+    dashboard = free_port_number()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})

@@ -6,19 +6,12 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # starts Ray / MLflow servers
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "ablations" / "smoke_tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from orchestrator.study import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def _runs(uri, name):

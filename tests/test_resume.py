@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # starts Ray / MLflow servers
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "ablations" / "smoke_tiny.yaml"
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import optuna
+import pytest
 
 from orchestrator.search import define_by_run, load_search
 
@@ -28,6 +29,7 @@ def test_distributions_and_conditionals():
     assert [o.metric for o in spec.objectives] == ["top_acc", "nf_acc"] and spec.asha is not None
 
 
+@pytest.mark.integration
 def test_optuna_study_of_8_trials_every_trial_in_mlflow_once(tmp_path):
     import ray
     from mlflow.tracking import MlflowClient

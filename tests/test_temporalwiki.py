@@ -97,6 +97,7 @@ def test_meta_training_from_records(tmp_path):
         meta_train(load_config(None, [f"records={bad}"], schema=MetaConfig))
 
 
+@pytest.mark.integration
 def test_table2_grid_through_the_orchestrator(tmp_path):
     """Finetune, Mix-review, RecAdam, K-Adapter and TAALM (with its records-based meta stage) on the
     fixture, as Ray Train trials under Tune, tracked in MLflow with per-period perplexities."""

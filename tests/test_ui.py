@@ -8,11 +8,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port_number
+
+pytestmark = pytest.mark.integration  # starts Ray / MLflow servers
+
+
 
 
 def _answer(port: int, deadline_s: float = 300):  # a loaded machine starts mlflow server slowly
@@ -40,7 +42,7 @@ def test_ui_serves_the_study_on_loopback_and_stops_cleanly_on_sigterm(tmp_path):
     uri = default_tracking_uri(study_dir)
     Study(uri, "ui_study", study_dir).finish()
     (study_dir / "study.json").write_text(json.dumps({"tracking_uri": uri, "name": "ui_study", "kind": "grid"}))
-    port = _free_port()
+    port = free_port_number()
     exe = Path(sys.executable).with_name("taalm")
     proc = subprocess.Popen([str(exe), "ui", str(study_dir), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

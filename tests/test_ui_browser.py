@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port_number
+
+pytestmark = pytest.mark.integration  # starts Ray / MLflow servers
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1600,1000", "--virtual-time-budget=30000"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -78,7 +78,7 @@ def test_experiment_and_trial_pages_in_headless_chromium(tmp_path):
     assert "report/table.md" in {a.path for a in study.client.list_artifacts(study.parent_id, "report")}
     assert "| Oracle" in study.client.get_run(study.parent_id).data.tags["mlflow.note.content"]
 
-    port = _free_port()
+    port = free_port_number()
     log_path = tmp_path / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([str(Path(sys.executable).with_name("taalm")), "ui", str(study_dir), "--port", str(port)],
