@@ -31,22 +31,23 @@ from rich.text import Text
 NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna")
 
 
-def configure_output(study_dir: Optional[Path], verbose: bool = False) -> Optional[Path]:
+def configure_output(study_dir: Optional[Path], verbose: bool = False,
+                     loggers: tuple[str, ...] = NOISY_LOGGERS) -> Optional[Path]:
     """Before Ray starts. Ray's, Tune's, MLflow's and Optuna's log records (INFO and up) go to
     ``<study>/logs/study.log``; on the console only their errors, unless ``verbose``. Also silences Tune's own
     progress output (its boxed experiment table, "View detailed results", the TensorBoard hint) and MLflow's
-    download bars. Returns the log file."""
+    download bars. ``loggers``: which of them to configure now. Returns the log file."""
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter: silent at verbose=0
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow  # noqa: F401  (configures its loggers on import: do it before adjusting them)
-    import ray.tune  # noqa: F401
+    if "mlflow" in loggers:
+        import mlflow  # noqa: F401  (configures its loggers on import: do it before adjusting them)
 
     path = None
     if study_dir is not None:
         path = Path(study_dir) / "logs" / "study.log"
         path.parent.mkdir(parents=True, exist_ok=True)
-    for name in NOISY_LOGGERS:
+    for name in loggers:
         lg = logging.getLogger(name)
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
             lg.setLevel(logging.INFO)

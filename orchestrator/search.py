@@ -182,10 +182,9 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from .console import configure_output
     from .ray_trainables import trial_resources
-    from .study import init_ray
-    from .tracking import MlflowTrials, Study, default_tracking_uri
+    from .study import start_study
+    from .tracking import MlflowTrials, default_tracking_uri
 
     spec, base = load_search(path, overrides)  # validated before anything starts
     study_dir = Path(out_root) / spec.name
@@ -193,9 +192,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     uri = tracking_uri or default_tracking_uri(study_dir)
     StudyRecord(kind="search", name=spec.name, source=str(Path(path).resolve()), overrides=overrides or [],
                 tracking_uri=uri, out_root=str(Path(out_root).resolve())).write(study_dir)
-    configure_output(study_dir, verbose)
-    init_ray(address, num_cpus)
-    study = Study(uri, spec.name, study_dir)
+    study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose)
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     searcher = OptunaSearch(define_by_run(spec), metric=metrics if len(metrics) > 1 else metrics[0],

@@ -53,6 +53,35 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
                  _node_ip_address="127.0.0.1")
 
 
+def start_study(study_dir: Path, uri: str, name: str, protocol: str, address: Optional[str],
+                num_cpus: Optional[int], verbose: bool) -> Study:
+    """Ray and the study's MLflow side start side by side: MLflow's import and the store (found, or created)
+    in a thread while Ray's processes come up; both after the console is set up."""
+    import threading
+
+    from .console import configure_output
+
+    configure_output(study_dir, verbose, loggers=("ray",))  # before Ray logs anything
+    box: dict = {}
+
+    def mlflow_side():
+        try:
+            configure_output(study_dir, verbose, loggers=("mlflow", "alembic", "optuna"))
+            box["study"] = Study(uri, name, study_dir, protocol)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=mlflow_side, name="taalm-mlflow-start", daemon=True)
+    t.start()
+    try:
+        init_ray(address, num_cpus)
+    finally:
+        t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["study"]
+
+
 def phi_cache_dir(meta_cfg: dict) -> Path:
     from trainables.models import cache_dir
 
@@ -63,15 +92,30 @@ def phi_cache_dir(meta_cfg: dict) -> Path:
 SHIPPED_PHI = Path(__file__).resolve().parents[1] / "ablations" / "phi"
 
 
+def _normalised_meta(cfg) -> Optional[dict]:
+    """A meta config as the current schema reads it (keys added since it was written take their defaults),
+    or None if it no longer validates."""
+    from pydantic import ValidationError
+
+    from trainables.meta import MetaConfig
+
+    try:
+        return config_to_dict(MetaConfig.model_validate(cfg))
+    except (ValidationError, TypeError):
+        return None
+
+
 def shipped_phi(cfg: dict, data_hash: str) -> Optional[Path]:
     """A φ shipped with the project (``ablations/phi/*/``) that was meta-trained with exactly this meta
-    config on this data, or None."""
+    config on this data, or None. Both configs are compared as the current schema reads them, so an option
+    added later with a default (e.g. meta.vmap_chunk) does not orphan a shipped φ."""
+    want = _normalised_meta(cfg)
     for meta_file in sorted(SHIPPED_PHI.glob("*/phi.json")):
         try:
             meta = json.loads(meta_file.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if meta.get("meta_config") == cfg and meta.get("data_hash") == data_hash:
+        if meta.get("data_hash") == data_hash and want is not None and _normalised_meta(meta.get("meta_config")) == want:
             return meta_file.parent
     return None
 
@@ -180,7 +224,6 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                  verbose: bool = False) -> dict:
     """Run (or resume) an ablation grid; ``progress``: a Tune callback, e.g. the CLI's
     :class:`~orchestrator.console.StudyConsole` (told each stage's trials through ``expect``)."""
-    from .console import configure_output
 
     from .ray_trainables import injected_faults
 
@@ -193,9 +236,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 overrides=overrides or [], tracking_uri=uri, out_root=str(Path(out_root).resolve()),
                 reference=spec.reference,
                 trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
-    configure_output(study_dir, verbose)
-    init_ray(address, num_cpus)
-    study = Study(uri, spec.name, study_dir, spec.protocol)
+    study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose)
     if meta_cfg is not None:
         phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi)
         for t in trials:

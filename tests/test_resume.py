@@ -43,7 +43,9 @@ def _running_trial_epochs(db: Path) -> int:
 
 def test_sigkill_then_resume(tmp_path):
     exe = str(Path(sys.executable).with_name("taalm"))
-    args = ["--set", "name=resume_me", "--set", "resources.max_concurrent=1", "--set", "overrides.train.epochs=3"]
+    # enough epochs that the second trial is still running when the first has finished (warm trials are fast)
+    epochs = 12
+    args = ["--set", "name=resume_me", "--set", "resources.max_concurrent=1", "--set", f"overrides.train.epochs={epochs}"]
     proc = subprocess.Popen([exe, "ablate", str(GRID), "--out", str(tmp_path), "--num-cpus", "1", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     db = tmp_path / "resume_me" / "mlflow.db"
@@ -52,12 +54,12 @@ def test_sigkill_then_resume(tmp_path):
         time.sleep(0.5)
     assert proc.poll() is None, "the study ended before it could be interrupted"
     assert _finished_trials(db) == 1
-    time.sleep(3)  # Tune records a finished trial in its experiment state within ~1 s (TUNE_GLOBAL_CHECKPOINT_S)
+    time.sleep(1.5)  # Tune records a finished trial in its experiment state within ~1 s (TUNE_GLOBAL_CHECKPOINT_S)
     # ... and let the second trial checkpoint at least one epoch, so resuming it has something to restore
     while time.time() < deadline and _running_trial_epochs(db) < 1 and proc.poll() is None:
         time.sleep(0.2)
     killed_after_epoch = _running_trial_epochs(db)
-    assert proc.poll() is None and 1 <= killed_after_epoch < 3
+    assert proc.poll() is None and 1 <= killed_after_epoch < epochs
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         done_before = {row[0] for row in con.execute(
             "select r.run_uuid from runs r join tags t on r.run_uuid = t.run_uuid where t.key = 'taalm.role' "
@@ -83,13 +85,16 @@ def test_sigkill_then_resume(tmp_path):
     for t in trials:
         assert t.info.status == "FINISHED"
         hist = c.get_metric_history(t.info.run_id, "to_learn_acc")
-        assert [m.step for m in hist] == [0, 1, 2, 3]
+        assert [m.step for m in hist] == list(range(epochs + 1))
         if t.info.run_id in done_before:  # finished before the kill: not run again
             assert all(m.timestamp < killed_at_ms for m in hist)
             assert t.info.end_time < killed_at_ms
             assert "taalm.resumed_from_epoch" not in t.data.tags
-        else:  # interrupted: continued from its last Ray Train checkpoint, not from scratch
-            assert int(t.data.tags["taalm.resumed_from_epoch"]) >= killed_after_epoch
+        else:  # interrupted: continued from a checkpoint, not from scratch. Tune records which checkpoint is the
+            # latest in its experiment state at most every second (TUNE_GLOBAL_CHECKPOINT_S), while MLflow logs an
+            # epoch as its result arrives: a driver killed within that second resumes one checkpoint earlier and
+            # redoes those epochs (the same values: training is deterministic; the logged ones are kept, once)
+            assert 1 <= int(t.data.tags["taalm.resumed_from_epoch"]) <= killed_after_epoch
 
 
 def test_epochs_the_killed_driver_never_logged_are_filled_in(tmp_path):
