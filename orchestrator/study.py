@@ -92,17 +92,28 @@ def phi_cache_dir(meta_cfg: dict) -> Path:
 SHIPPED_PHI = Path(__file__).resolve().parents[1] / "ablations" / "phi"
 
 
+# how φ is computed, not what: the device, and running the meta-batch vmapped, in groups or one example at a
+# time (the same mathematics; tests/test_meta.py: equal to 1e-8 in float64). Not part of φ's identity.
+EXECUTION_KEYS = (("device",), ("meta", "batching"), ("meta", "vmap_chunk"))
+
+
 def _normalised_meta(cfg) -> Optional[dict]:
-    """A meta config as the current schema reads it (keys added since it was written take their defaults),
-    or None if it no longer validates."""
+    """What a meta config trains, as the current schema reads it (keys added since it was written take their
+    defaults; the execution options are dropped), or None if it no longer validates."""
     from pydantic import ValidationError
 
     from trainables.meta import MetaConfig
 
     try:
-        return config_to_dict(MetaConfig.model_validate(cfg))
+        d = config_to_dict(MetaConfig.model_validate(cfg))
     except (ValidationError, TypeError):
         return None
+    for *parents, key in EXECUTION_KEYS:
+        section = d
+        for name in parents:
+            section = section.get(name, {})
+        section.pop(key, None)
+    return d
 
 
 def shipped_phi(cfg: dict, data_hash: str) -> Optional[Path]:
@@ -176,7 +187,8 @@ def meta_data_hash(meta_cfg: dict) -> str:
 
 def phi_location(meta_cfg: dict, seed: int, data_hash: str) -> tuple[str, Path]:
     """(the meta trial's key, φ's cache directory) for a meta config at a seed: where the meta stage puts φ."""
-    cfg = dict(meta_cfg, seed=seed)
+    raw = dict(meta_cfg, seed=seed)
+    cfg = _normalised_meta(raw) or raw  # φ's identity: what is trained, on which data
     key = "meta-" + hashlib.sha256(json.dumps([cfg, data_hash], sort_keys=True).encode()).hexdigest()[:10]
     return key, phi_cache_dir({"cfg": cfg, "data_hash": data_hash})
 

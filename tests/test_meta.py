@@ -297,3 +297,20 @@ def test_the_shipped_smollm2_phi_matches_the_grids_that_use_it():
         found = shipped_phi(meta_cfg, lama_hash)
         assert found is not None and found.name == "smollm2-135m", grid
         assert json.loads((found / "meta_metrics.json").read_text())["held_out_focus"]["n_docs"] > 0
+
+
+def test_execution_options_are_not_part_of_phi_identity():
+    """Running the meta-batch vmapped, in groups or one example at a time computes the same φ (tested above):
+    changing them neither moves φ's cache entry nor orphans a shipped φ; changing what is trained does."""
+    from orchestrator.grid import load_grid
+    from orchestrator.study import phi_location, shipped_phi
+
+    _, _, meta_cfg = load_grid(ROOT / "ablations" / "table9_token_weighting.yaml")
+    lama_hash = load_lama().hash
+    here = phi_location(meta_cfg, 0, lama_hash)
+    for key, value in (("batching", "sequential"), ("vmap_chunk", 2), ("vmap_chunk", None)):
+        other = dict(meta_cfg, meta=dict(meta_cfg["meta"], **{key: value}))
+        assert phi_location(other, 0, lama_hash) == here
+        assert shipped_phi(other, lama_hash) is not None
+    changed = dict(meta_cfg, meta=dict(meta_cfg["meta"], lr=1e-2))
+    assert phi_location(changed, 0, lama_hash) != here and shipped_phi(changed, lama_hash) is None
