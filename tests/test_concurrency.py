@@ -155,6 +155,15 @@ def test_two_studies_into_one_store_at_once_lose_nothing(tmp_path):
         for name, (_, proc, _) in studies.items():
             code = proc.wait(timeout=900)
             assert code == 0, f"{name}: exit {code}\n" + (tmp_path / f"{name}.log").read_text()[-6000:]
+            # the piped console: our lines with counts out of the study's trials, none of Ray's / Tune's chatter
+            console = (tmp_path / f"{name}.log").read_text()
+            for line in (f"{name}: trials: 1 trial(s), 1 at a time", "  Oracle seed 0 epoch 2/2: TO-LEARN ",
+                         "trial done: Oracle seed 0 (1/1 done, "):
+                assert line in console, (line, console[-3000:])
+            for noise in ("TensorBoard", "Configuration for experiment", "View detailed results",
+                          "Started a local Ray instance", "Trial status"):
+                assert noise not in console, (noise, console[-3000:])
+            assert (tmp_path / name / "logs" / "study.log").stat().st_size > 0
         for pair in (("file_a", "file_b"), ("server_a", "server_b")):
             spans = []
             for name in pair:

@@ -1,0 +1,97 @@
+"""The study console (orchestrator/console.py) driven with Tune's callback events, no Ray needed: counts out of
+the study's total, epoch lines, failures with their reason, the live table on a terminal. (The concurrency
+test checks a real `taalm ablate`'s piped console: tests/test_concurrency.py.)"""
+
+from __future__ import annotations
+
+import io
+import logging
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from orchestrator.console import StudyConsole, configure_output
+
+
+def _trial(key: str, error_file=None):
+    return SimpleNamespace(trial_id=f"id_{key}", config={"t": {"trial_key": key}}, error_file=error_file)
+
+
+def _console(interactive: bool):
+    buf = io.StringIO()
+    con = Console(file=buf, force_terminal=interactive, width=120, color_system=None)
+    return StudyConsole("g", interactive=interactive, console=con), buf
+
+
+def _epoch(c, trial, epoch, tl, ntf):
+    c.on_trial_result(0, [], trial, {"epoch": epoch, "to_learn_acc": tl, "ntf_acc": ntf})
+
+
+def test_piped_console_prints_one_line_per_event_with_counts_out_of_the_study(tmp_path):
+    c, buf = _console(interactive=False)
+    (tmp_path / "error.txt").write_text("Traceback (most recent call last):\n  ...\nValueError: the loss is nan\n")
+    c.expect("trials", [("a", "Finetune seed 0", 2), ("b", "TAALM seed 0", 2), ("c", "Oracle seed 0", 2)], 2)
+    a, b = _trial("a"), _trial("b", str(tmp_path / "error.txt"))
+    c.on_trial_start(0, [], a)
+    c.on_trial_start(0, [], b)
+    _epoch(c, a, 0, 0.0, 1.0)
+    _epoch(c, a, 1, 0.0625, 0.875)
+    c.on_trial_complete(0, [], a)
+    c.on_trial_error(0, [], b)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "g: trials: 3 trial(s), 2 at a time"
+    assert "  Finetune seed 0 epoch 1/2: TO-LEARN 0.062  NTF 0.875" in lines
+    done = [x for x in lines if x.startswith("trial done: Finetune seed 0")]
+    assert len(done) == 1 and "(1/3 done, " in done[0] and "elapsed" in done[0], lines
+    failed = [x for x in lines if x.startswith("trial FAILED: TAALM seed 0")]
+    assert len(failed) == 1 and "ValueError: the loss is nan" in failed[0] and "1/3 done, 1 failed" in failed[0], lines
+    assert c.live is None  # nothing drawn in place off a terminal
+
+
+def test_remaining_time_extrapolates_running_trials_and_counts_the_pending_ones():
+    c, _ = _console(interactive=False)
+    c.expect("trials", [("a", "A", 4), ("b", "B", 4), ("c", "C", 4)], 1)
+    assert c.remaining() is None  # nothing known yet
+    v = c.views["a"]
+    v.state, v.started, v.first_result, v.epoch = "running", 100.0, 110.0, 1
+    import orchestrator.console as console_mod
+
+    real = console_mod.time.monotonic
+    console_mod.time.monotonic = lambda: 120.0  # 10 s to the first epoch, then 10 s per epoch
+    try:
+        # a: expected 10 + 10 * 4 = 50 s, 20 s elapsed -> 30 s left; b and c pending at the mean (50 s) each
+        assert abs(c.remaining() - (30 + 50 + 50)) < 1e-9
+    finally:
+        console_mod.time.monotonic = real
+
+
+def test_terminal_console_draws_one_live_table_with_every_trial():
+    c, buf = _console(interactive=True)
+    c.expect("trials", [("a", "Finetune seed 0", 2), ("b", "TAALM seed 0", 2)], 2)
+    a = _trial("a")
+    c.on_trial_start(0, [], a)
+    _epoch(c, a, 1, 0.25, 0.75)
+    try:
+        c.live.refresh()
+        out = buf.getvalue()
+    finally:
+        c.close()
+    for text in ("g · trials · 0/2 done", "Finetune seed 0", "TAALM seed 0", "running", "pending", "0.250", "0.750",
+                 "1/2"):
+        assert text in out, (text, out)
+    assert "trial done" not in out  # no line-per-event output on a terminal
+
+
+def test_chatter_goes_to_the_study_log_not_the_console(tmp_path, capsys):
+    name = "taalm_test_noisy"
+    log = configure_output(tmp_path, verbose=False, loggers=(name,))
+    lg = logging.getLogger(name)
+    lg.info("Started a local Ray instance.")
+    lg.error("a real error")
+    for h in lg.handlers:
+        h.flush()
+    err = capsys.readouterr().err
+    assert "Started a local Ray instance." not in err and "a real error" in err
+    text = log.read_text()
+    assert log == tmp_path / "logs" / "study.log"
+    assert "Started a local Ray instance." in text and "a real error" in text
