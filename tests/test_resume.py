@@ -55,9 +55,12 @@ def test_sigkill_then_resume(tmp_path):
     assert proc.poll() is None, "the study ended before it could be interrupted"
     assert _finished_trials(db) == 1
     time.sleep(1.5)  # Tune records a finished trial in its experiment state within ~1 s (TUNE_GLOBAL_CHECKPOINT_S)
-    # ... and let the second trial checkpoint at least one epoch, so resuming it has something to restore
-    while time.time() < deadline and _running_trial_epochs(db) < 1 and proc.poll() is None:
+    # ... and let the second trial checkpoint at least two epochs, and Tune record one of those checkpoints in its
+    # experiment state (saved every TUNE_GLOBAL_CHECKPOINT_S = 1 s, later on a loaded machine), so that resuming
+    # it has something to restore
+    while time.time() < deadline and _running_trial_epochs(db) < 2 and proc.poll() is None:
         time.sleep(0.2)
+    time.sleep(3)
     killed_after_epoch = _running_trial_epochs(db)
     assert proc.poll() is None and 1 <= killed_after_epoch < epochs
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:

@@ -58,7 +58,11 @@ def test_ui_serves_the_study_on_loopback_and_stops_cleanly_on_sigterm(tmp_path):
         gone, alive = psutil.wait_procs(tree, timeout=30)
         assert not alive, f"left behind: {[p.pid for p in alive]}"
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the port is free again
+            # the port is free again: nothing listens on it. SO_REUSEADDR as any server sets it: the connections
+            # this test made may sit in TIME_WAIT on the port, which blocks a plain bind but not a new server
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         import os
         import signal
