@@ -124,3 +124,28 @@ def test_split_file_roundtrip_and_errors(lama, tmp_path):
     p.write_text(json.dumps(dict(s.to_json(), ntf=["not-a-uuid"])))
     with pytest.raises(InputError, match="not-a-uuid"):
         load_split_file(lama, p)
+
+
+def test_a_cache_entry_is_built_once_when_processes_ask_at_once(tmp_path):
+    """The first trials of a study start together and all need the dequantized model and the tailored scores:
+    one builds the cache entry, the others wait for it (before: each built its own copy, on the same cores)."""
+    import threading
+    import time
+
+    from trainables.models import _atomic_build
+
+    calls = []
+
+    def build(d):
+        calls.append(1)
+        time.sleep(0.5)
+        (d / "weights").write_text("w")
+
+    target = tmp_path / "models" / "m"
+    threads = [threading.Thread(target=_atomic_build, args=(target, build)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and (target / "weights").read_text() == "w" and (target / ".complete").is_file()
+    assert [p.name for p in target.parent.iterdir() if ".tmp" in p.name] == []  # no half-built sibling left

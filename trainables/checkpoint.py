@@ -48,6 +48,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 @contextmanager
+def exclusive(path: Path):
+    """Hold an exclusive lock on ``<path>.lock`` (fcntl, across processes of this machine): processes that would
+    all build the same cache entry (the first trials of a study, started together) build it once; the others
+    wait, then find it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+@contextmanager
 def atomic_directory(directory: Path):
     """Yield a temporary sibling directory; on success it replaces ``directory`` (never half-written)."""
     directory = Path(directory)

@@ -57,21 +57,25 @@ def _smollm2_package_dir() -> Path:
 
 
 def _atomic_build(target: Path, build) -> Path:
-    """Build a cache directory once: into a temporary sibling, then rename (safe under concurrency)."""
+    """Build a cache directory once: into a temporary sibling, then rename; concurrent processes build it once."""
     if (target / ".complete").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok")
+    from .checkpoint import exclusive
+
+    with exclusive(target):  # one process builds it; the others wait and find it
+        if (target / ".complete").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
         try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            (tmp / ".complete").write_text("ok")
+            try:
+                os.replace(tmp, target)
+            except OSError:  # a target left by an interrupted build without the lock: keep it
+                pass
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

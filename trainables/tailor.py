@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import write_json_atomic
+from .checkpoint import exclusive, write_json_atomic
 from .config import DataConfig, ModelConfig
 from .data import LamaCKL, Split, load_split_file, make_split, release_scores
 from .encode import doc_token_count, encode_probes
@@ -35,13 +35,24 @@ def cached_scores(model_cfg: ModelConfig, lama: LamaCKL, task: str, model_factor
     """Base-model probe accuracy of every fact, from the cache or computed (``model_factory()``)."""
     key = f"{model_key(model_cfg)}-{lama.hash}-{task}"
     path = cache_dir() / "tailor" / f"{key}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())["scores"]
-        except (json.JSONDecodeError, KeyError):
-            pass  # a broken cache entry is recomputed
-    scores = score_facts(model_factory(), tokenizer, lama, task, batch_size, device, progress)
-    write_json_atomic(path, {"model": model_cfg.name, "data_hash": lama.hash, "task": task, "scores": scores})
+
+    def cached():
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())["scores"]
+            except (json.JSONDecodeError, KeyError):
+                return None  # a broken cache entry is recomputed
+        return None
+
+    scores = cached()
+    if scores is not None:
+        return scores
+    with exclusive(path):  # trials started together score the facts once; the others wait and read the cache
+        scores = cached()
+        if scores is None:
+            scores = score_facts(model_factory(), tokenizer, lama, task, batch_size, device, progress)
+            write_json_atomic(path, {"model": model_cfg.name, "data_hash": lama.hash, "task": task,
+                                     "scores": scores})
     return scores
 
 
