@@ -399,13 +399,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
+    except Exception as e:  # usage errors: click's, and those of the click typer vendors (typer._click)
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, click.exceptions.ClickException) or (isinstance(e, typer.TyperException)
+                                                               and callable(getattr(e, "show", None))):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, typer.Abort)):
             sys.exit(130)
         raise
 

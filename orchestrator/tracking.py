@@ -68,21 +68,17 @@ class Study:
         from mlflow.tracking import MlflowClient
 
         self.uri, self.name, self.dir = tracking_uri, name, study_dir
-        lock = None
         if tracking_uri.startswith("sqlite:///"):
+            from trainables.checkpoint import exclusive
+
             # studies opening a new sqlite store at the same time race on MLflow's schema creation (alembic:
             # "Online migration expected to match one row ... 0 found"): one creates it, the others wait
-            import fcntl
-
-            lock = open(tracking_uri[len("sqlite:///"):].split("?")[0] + ".lock", "a")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if lock is not None:
-                fresh_sqlite_store(Path(tracking_uri[len("sqlite:///"):].split("?")[0]))
+            db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+            with exclusive(db):
+                fresh_sqlite_store(db)
+                self.client = MlflowClient(tracking_uri)
+        else:
             self.client = MlflowClient(tracking_uri)
-        finally:
-            if lock is not None:
-                lock.close()  # releases the lock
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             artifacts = (study_dir / "mlartifacts").resolve()

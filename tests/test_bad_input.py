@@ -252,6 +252,16 @@ CASES = [
          ["meta.dummy_loop"]),
     Case("meta-train: validation set too large", "out of range", META_TRAIN + ["--set", "meta.val_size=100000"],
          ["meta.val_size"]),
+    Case("meta-train: vmap_chunk 0", "out of range", META_TRAIN + ["--set", "meta.vmap_chunk=0"],
+         ["--set meta.vmap_chunk", "greater than or equal to 1"]),
+    Case("grid: keep_weights_gb negative", "out of range", ABLATE, ["(resources.keep_weights_gb)"],
+         grid("name: g\nbase: BASE\nresources: {keep_weights_gb: -1}\n")),
+    Case("grid: lean not a boolean", "wrong type", ABLATE, ["(resources.lean)"],
+         grid("name: g\nbase: BASE\nresources: {lean: sometimes}\n")),
+    Case("ui: --port not a number", "wrong type", ["ui", "{T}/study", "--port", "abc"], ["'--port'", "valid integer"],
+         prep=study_dir(None)),
+    Case("report: --epochs 0", "out of range", ["report", "{T}/study", "--epochs", "0"], ["--epochs"],
+         prep=study_dir(None)),
     Case("tailor: pool size 0", "out of range", ["data", "tailor", "--model", "tiny", "--out", "{T}/t",
                                                  "--ta-pool-size", "0"], ["--ta-pool-size"]),
     Case("run: RecAdam pull overshoots", "out of range",
@@ -407,7 +417,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 104
+N_CASES = 109
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 
