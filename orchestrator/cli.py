@@ -124,7 +124,7 @@ def _report_study(r: dict) -> None:
     """Build the study's report from MLflow, print the table and where everything is."""
     from orchestrator.report import write_report
 
-    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report", r.get("reference"))
+    rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report", r.get("baseline"))
     print(rep["markdown"])
     console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
                   f"`taalm ui {r['study_dir']}` to browse", highlight=False, soft_wrap=True)
@@ -211,9 +211,10 @@ def report(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     experiment: Optional[str] = typer.Option(None, "--experiment"),
     out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: FIRST_STUDY/report)."),
-    reference: Optional[str] = typer.Option(None, "--reference",
-                                            help="Method the paired differences are taken against "
-                                                 "(default: the grid's `reference`, else Finetune)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline",
+                                           help="Method the paired differences are taken against "
+                                                "(default: the grid's `baseline`, else Finetune)."),
+    old_reference: Optional[str] = typer.Option(None, "--reference", hidden=True),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
                                          help="Report every trial over its first N epochs only (Top Acc, NF Acc, "
                                               "paired differences recomputed from the per-epoch results)."),
@@ -222,13 +223,16 @@ def report(
     from orchestrator.report import write_report
     from orchestrator.specs import StudyRecord
 
+    if old_reference is not None:
+        raise InputError("--reference", f"renamed to --baseline (the method the paired differences are taken "
+                                        f"against): --baseline {old_reference}")
     if tracking_uri and experiment:
         sources = [(tracking_uri, experiment)]
     else:
         records = [StudyRecord.read(s) for s in studies]
         sources = [(r.tracking_uri, r.name) for r in records]
-        reference = reference or records[0].reference
-    rep = write_report(*sources[0], out or studies[0] / "report", reference, more=sources[1:], epochs=epochs)
+        baseline = baseline or records[0].baseline
+    rep = write_report(*sources[0], out or studies[0] / "report", baseline, more=sources[1:], epochs=epochs)
     print(rep["markdown"])
     console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, paired.csv, curves.png, "
                   f"pareto.png)", highlight=False, soft_wrap=True)

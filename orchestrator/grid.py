@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trainables.config import (RunConfig, apply_overrides, config_to_dict, flatten, load_yaml, scheme_names,
-                               validate)
+from trainables.config import (ConfigKeyError, RunConfig, apply_overrides, config_to_dict, flatten, load_yaml,
+                               scheme_names, validate)
 from trainables.errors import InputError
 
 from .specs import Resources
@@ -56,7 +56,15 @@ class GridSpec(BaseModel):
     resources: Resources = Resources()
     # the row the report's paired differences are taken against (a method label; default "Finetune"
     # when there is one, else the first method)
-    reference: Optional[str] = None
+    baseline: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "reference" in data:
+            raise ConfigKeyError(("reference",), "renamed to `baseline` (the method the report's paired "
+                                                 "differences are taken against)")
+        return data
 
     @field_validator("axes")
     @classmethod
@@ -192,9 +200,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
             settings = {k: v for k, v in combo.items() if k != LABEL}
             trials.append(Trial(trial_key(combo, seed), _label(spec, combo), seed, settings, cfg, needs_phi))
     labels = list(dict.fromkeys(t.label for t in trials))
-    if spec.reference is not None and spec.reference not in labels:
-        raise InputError(f"{path}:{lines.get(('reference',), 1)} (reference)",
-                         f"{spec.reference!r} is not a method of this grid (methods: {', '.join(labels)})")
+    if spec.baseline is not None and spec.baseline not in labels:
+        raise InputError(f"{path}:{lines.get(('baseline',), 1)} (baseline)",
+                         f"{spec.baseline!r} is not a method of this grid (methods: {', '.join(labels)})")
     meta_cfg = None
     if spec.meta is not None or any(t.needs_phi and not t.config.weighting.train_attention.phi for t in trials):
         if spec.meta is None:

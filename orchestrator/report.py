@@ -92,9 +92,9 @@ def _boot_summary(tl: "np.ndarray", nf: "np.ndarray", w_tl: "np.ndarray", w_nf: 
     return top, top + nf_at
 
 
-def paired_differences(rows: list[dict], reference: str | None = None, n_boot: int = 2000,
+def paired_differences(rows: list[dict], baseline: str | None = None, n_boot: int = 2000,
                        seed: int = 0) -> list[dict]:
-    """Each method against the reference row (default: "Finetune" if present, else the first method):
+    """Each method against the baseline row (default: "Finetune" if present, else the first method):
     the mean over seeds of the difference in Top Acc and Total Knowledge, with a paired bootstrap 95 %
     interval. Every replicate resamples seeds (with replacement, when there are several) and, within a
     seed, the TO-LEARN and NOT-TO-FORGET facts, the SAME facts for both methods (they share the split),
@@ -105,22 +105,22 @@ def paired_differences(rows: list[dict], reference: str | None = None, n_boot: i
     labels = list(dict.fromkeys(r["label"] for r in rows))
     if not done or not labels:
         return []
-    if reference is None:
-        reference = "Finetune" if "Finetune" in labels else labels[0]
+    if baseline is None:
+        baseline = "Finetune" if "Finetune" in labels else labels[0]
     by = {}
     for r in done:
         by.setdefault(r["label"], {})[str(r["seed"])] = _summary_arrays(r["per_fact"])
-    if reference not in by:
+    if baseline not in by:
         return []
     rng = np.random.default_rng(seed)
     out = []
     for label in labels:
-        if label == reference or label not in by:
+        if label == baseline or label not in by:
             continue
-        seeds = sorted(set(by[label]) & set(by[reference]))
+        seeds = sorted(set(by[label]) & set(by[baseline]))
         per_seed_point, per_seed_boot, n_facts = [], [], set()
         for sd in seeds:
-            a, b = by[label][sd], by[reference][sd]
+            a, b = by[label][sd], by[baseline][sd]
             if a[0] != b[0] or a[1] != b[1]:
                 continue  # not the same facts: no pairing possible for this seed
             n_tl, n_nf = len(a[0]), len(a[1])
@@ -138,7 +138,7 @@ def paired_differences(rows: list[dict], reference: str | None = None, n_boot: i
             continue
         k = len(per_seed_point)
         pick = rng.integers(0, k, size=(n_boot, k)) if k > 1 else np.zeros((n_boot, 1), dtype=int)
-        entry = {"method": label, "reference": reference, "seeds": k, "n_boot": n_boot,
+        entry = {"method": label, "baseline": baseline, "seeds": k, "n_boot": n_boot,
                  "facts": sorted(n_facts)[0] if len(n_facts) == 1 else None}
         for j, name in enumerate(("top_acc", "total_knowledge")):
             boot = np.stack([d[j] for d in per_seed_boot], axis=1)  # [B, seeds]
@@ -152,7 +152,7 @@ def paired_differences(rows: list[dict], reference: str | None = None, n_boot: i
 def paired_markdown(diffs: list[dict]) -> str:
     if not diffs:
         return ""
-    ref = diffs[0]["reference"]
+    ref = diffs[0]["baseline"]
     seeds = sorted({d["seeds"] for d in diffs})
     facts = diffs[0]["facts"]
     over = "facts and seeds" if max(seeds) > 1 else "facts (one seed: seed-to-seed variation is not in these intervals)"
@@ -248,7 +248,7 @@ def at_horizon(rows: list[dict], epochs: int) -> list[dict]:
     return out
 
 
-def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: str | None = None,
+def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: str | None = None,
                  more: "list[tuple[str, str]]" = (), epochs: int | None = None) -> dict:
     """Build the report of a study; ``more`` = further (tracking URI, experiment) pairs whose trials join
     the same table (e.g. the seeds of one grid run as two studies). A method and seed found in two
@@ -283,13 +283,13 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, reference: s
     if epochs is not None:
         rows = at_horizon(rows, epochs)
     tab = table(rows)
-    if reference is not None and reference not in {e["method"] for e in tab}:
+    if baseline is not None and baseline not in {e["method"] for e in tab}:
         from trainables.errors import InputError
 
-        raise InputError("--reference", f"{reference!r} is not a method of this study "
+        raise InputError("--baseline", f"{baseline!r} is not a method of this study "
                                         f"(methods: {', '.join(e['method'] for e in tab)})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    diffs = paired_differences(rows, reference)
+    diffs = paired_differences(rows, baseline)
     md = (f"Over epochs 0..{epochs} of every trial.\n\n" if epochs is not None else "") + \
         markdown(tab, protocol) + paired_markdown(diffs) + failures(rows)
     (out_dir / "table.md").write_text(md + "\n")

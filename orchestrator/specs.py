@@ -76,7 +76,7 @@ class StudyRecord(BaseModel):
     source: Optional[str] = None  # the grid or search-space file (what `taalm resume` re-reads)
     overrides: list[str] = []
     out_root: Optional[str] = None
-    reference: Optional[str] = None  # the row the report's paired differences are taken against
+    baseline: Optional[str] = None  # the row the report's paired differences are taken against
     trials: list[dict[str, Any]] = []  # grids: key, label, seed of every trial, in grid order
 
     FILE: ClassVar[str] = "study.json"
@@ -84,11 +84,14 @@ class StudyRecord(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _legacy(cls, data):
-        """study.json files written before this record named the grid or search file by its kind."""
+        """study.json files written before this record named the grid or search file by its kind, or the
+        report's baseline row ``reference``."""
         if isinstance(data, dict) and "source" not in data:
             for k in ("grid", "search"):
                 if k in data:
                     data = {**{x: y for x, y in data.items() if x != k}, "source": data[k]}
+        if isinstance(data, dict) and "reference" in data and "baseline" not in data:
+            data = {**{x: y for x, y in data.items() if x != "reference"}, "baseline": data["reference"]}
         return data
 
     def write(self, study_dir: Path) -> None:

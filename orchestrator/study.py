@@ -246,7 +246,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     uri = tracking_uri or default_tracking_uri(study_dir)
     StudyRecord(kind="grid", protocol=spec.protocol, name=spec.name, source=str(Path(grid_path).resolve()),
                 overrides=overrides or [], tracking_uri=uri, out_root=str(Path(out_root).resolve()),
-                reference=spec.reference,
+                baseline=spec.baseline,
                 trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
     study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose)
     if meta_cfg is not None:
@@ -274,4 +274,4 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     failed = [r for r in results if r.error]
     study.finish("FAILED" if failed and len(failed) == len(specs) else "FINISHED")
     return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name, "trials": len(specs),
-            "failed": len(failed), "reference": spec.reference}
+            "failed": len(failed), "baseline": spec.baseline}

@@ -212,6 +212,10 @@ CASES = [
     Case("run: --set without =", "wrong type", RUN_TINY + ["--set", "train.lr"], ["--set train.lr", "dotted.key=value"]),
     Case("grid: axis not a list", "wrong type", ABLATE, ["g.yaml:", "(axes.train.lr)"],
          grid("name: g\nbase: BASE\naxes:\n  train.lr: 0.1\n")),
+    Case("grid: the old key `reference`", "unknown key", ABLATE, ["g.yaml:3 (reference)", "renamed to `baseline`"],
+         grid("name: g\nbase: BASE\nreference: Finetune\n")),
+    Case("report: the old option --reference", "unknown key", ["report", "{T}/study", "--reference", "Finetune"],
+         ["--reference", "renamed to --baseline"], prep=study_dir(None)),
     Case("search: unknown distribution", "wrong type", TUNE, ["(space.train.lr.type)"],
          space(SPACE + "  train.lr: {type: gaussian, low: 1, high: 2}\n")),
     Case("meta-train: objective", "wrong type", META_TRAIN + ["--set", "meta.objective=change4"], ["meta.objective"]),
@@ -417,7 +421,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 109
+N_CASES = 111
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 

@@ -117,7 +117,7 @@ def test_gere_loss_is_zero_inside_the_threshold():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": mask,
              "replay_rows": torch.tensor([False, True, True])}
-    run = SimpleNamespace(reference=lambda ids, m, hidden=False, attentions=False: SimpleNamespace(
+    run = SimpleNamespace(reference_model=lambda ids, m, hidden=False, attentions=False: SimpleNamespace(
         hidden_states=(h_ref, h_ref), logits=None))
 
     def loss(shift: float, **opts) -> float:

@@ -68,13 +68,39 @@ def test_nested_and_dotted_overrides_merge_key_by_key():
         assert train.model_copy(update={"epochs": base.epochs}) == base, ov  # lr, batch size, ... kept
 
 
-def test_reference_row_must_be_a_method_of_the_grid(tmp_path):
+def test_baseline_row_must_be_a_method_of_the_grid(tmp_path):
     import pytest
 
     from trainables.errors import InputError
 
-    spec, _, _ = load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ["reference=Oracle"])
-    assert spec.reference == "Oracle"
+    spec, _, _ = load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ["baseline=Oracle"])
+    assert spec.baseline == "Oracle"
     with pytest.raises(InputError) as e:
-        load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ["reference=Finetuned"])
-    assert "(reference)" in e.value.where and "Finetune, Oracle" in e.value.message
+        load_grid(ROOT / "ablations" / "smoke_tiny.yaml", ["baseline=Finetuned"])
+    assert "(baseline)" in e.value.where and "Finetune, Oracle" in e.value.message
+
+
+def test_the_old_name_of_the_baseline_key_is_a_clear_error(tmp_path):
+    """`reference:` (the report's baseline row) was renamed `baseline:`; a grid still using it is told so, with
+    the line, rather than getting "unknown key"."""
+    import pytest
+
+    from trainables.errors import InputError
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text((ROOT / "ablations" / "smoke_tiny.yaml").read_text().replace(
+        "base:", "reference: Finetune\nbase:", 1).replace("../examples", str(ROOT / "examples")))
+    with pytest.raises(InputError) as e:
+        load_grid(grid)
+    assert e.value.where.startswith(f"{grid}:") and "(reference)" in e.value.where
+    assert "renamed to `baseline`" in e.value.message
+
+
+def test_a_study_json_written_with_the_old_key_reads_as_baseline(tmp_path):
+    import json
+
+    from orchestrator.specs import StudyRecord
+
+    (tmp_path / "study.json").write_text(json.dumps({"kind": "grid", "name": "s", "tracking_uri": "sqlite:///x.db",
+                                                     "reference": "Oracle"}))
+    assert StudyRecord.read(tmp_path).baseline == "Oracle"

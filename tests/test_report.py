@@ -1,4 +1,4 @@
-"""The report's paired comparison: each method against the reference row, per fact, with a paired
+"""The report's paired comparison: each method against the baseline row, per fact, with a paired
 bootstrap interval over facts and seeds (orchestrator.report.paired_differences)."""
 
 import numpy as np
@@ -28,7 +28,7 @@ def test_point_estimate_is_the_difference_of_the_summaries():
         rows.append(_row("Finetune", seed, *_curves(rng, 40, 30, 0.1, 0.7)))
         rows.append(_row("TAALM", seed, *_curves(rng, 40, 30, 0.4, 0.9)))
     d = paired_differences(rows, n_boot=500)
-    assert [x["method"] for x in d] == ["TAALM"] and d[0]["reference"] == "Finetune" and d[0]["seeds"] == 3
+    assert [x["method"] for x in d] == ["TAALM"] and d[0]["baseline"] == "Finetune" and d[0]["seeds"] == 3
 
     def summary(r):  # Top Acc over epochs 1..N, NF Acc at the first epoch reaching it
         tl = np.array(r["per_fact"]["to_learn"])[1:].mean(1)
@@ -43,7 +43,7 @@ def test_point_estimate_is_the_difference_of_the_summaries():
     assert "| TAALM | +0." in paired_markdown(d) and "excludes 0" in paired_markdown(d)
 
 
-def test_a_method_equal_to_the_reference_has_an_interval_around_zero():
+def test_a_method_equal_to_the_baseline_has_an_interval_around_zero():
     rng = np.random.default_rng(1)
     rows = []
     for seed in (0, 1):
@@ -55,12 +55,12 @@ def test_a_method_equal_to_the_reference_has_an_interval_around_zero():
     assert d["Noise"]["d_top_acc_lo"] < 0 < d["Noise"]["d_top_acc_hi"]  # same distribution: no effect
 
 
-def test_reference_choice_pairing_and_missing_data():
+def test_baseline_choice_pairing_and_missing_data():
     rng = np.random.default_rng(2)
     a, b = _curves(rng, 10, 10, 0.3, 0.8), _curves(rng, 10, 10, 0.3, 0.8)
     rows = [_row("Oracle", 0, *a), _row("Random", 0, *b)]
-    assert [x["reference"] for x in paired_differences(rows, n_boot=50)] == ["Oracle"]  # no Finetune: first row
-    assert [x["method"] for x in paired_differences(rows, reference="Random", n_boot=50)] == ["Oracle"]
+    assert [x["baseline"] for x in paired_differences(rows, n_boot=50)] == ["Oracle"]  # no Finetune: first row
+    assert [x["method"] for x in paired_differences(rows, baseline="Random", n_boot=50)] == ["Oracle"]
     other = _row("Random", 0, *b)
     other["per_fact"]["to_learn_uuids"] = [f"x{i}" for i in range(10)]  # other facts: cannot be paired
     assert paired_differences([rows[0], other], n_boot=50) == []
@@ -86,7 +86,7 @@ def _study(tmp_path, name, trials):
     return uri
 
 
-def test_report_joins_studies_and_checks_the_reference(tmp_path):
+def test_report_joins_studies_and_checks_the_baseline(tmp_path):
     from orchestrator.report import write_report
     from trainables.errors import InputError
 
@@ -99,7 +99,7 @@ def test_report_joins_studies_and_checks_the_reference(tmp_path):
     assert rep["paired"][0]["method"] == "TAALM" and rep["paired"][0]["seeds"] == 2
     assert (tmp_path / "rep" / "paired.csv").is_file()
     with pytest.raises(InputError, match="'Nope' is not a method"):
-        write_report(ua, "s0", tmp_path / "rep2", reference="Nope")
+        write_report(ua, "s0", tmp_path / "rep2", baseline="Nope")
     with pytest.raises(InputError, match="Finetune seed 0 is also in study 's0'"):
         write_report(ua, "s0", tmp_path / "rep3", more=[(ua, "s0")])
     assert not (tmp_path / "rep2").exists() and not (tmp_path / "rep3").exists()

@@ -50,7 +50,7 @@ def test_known_mask_zeroes_already_predicted_tokens():
 def test_rho1_keeps_top_excess_loss_fraction():
     nll = torch.tensor([[1.0, 5.0, 2.0, 4.0], [3.0, 1.0, 9.0, 9.0]])
     ref = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 0.0, 0.0]])
-    env = SchemeEnv(reference_nll=lambda ids, m: ref)
+    env = SchemeEnv(reference_model_nll=lambda ids, m: ref)
     # k = 0.5: keep ceil(0.5 * 4) = 2 of row 0 (excess 0,4,1,3 -> positions 1,3)
     # and ceil(0.5 * 2) = 1 of row 1's two real positions (excess 2,-1 -> position 0); padding never kept
     w = build_weighting(WeightingConfig(scheme="rho1", rho1={"k": 0.5}), env)(ctx(nll=nll))

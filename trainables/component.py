@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 
 class Component:
-    # the loop must build the frozen initial θ (``RunSetup.reference``) for this component
-    needs_reference = False
+    # the loop must build the frozen initial θ (``RunSetup.reference_model``) for this component
+    needs_reference_model = False
 
     def setup(self, run: Any) -> None:
         """Called once before training, with the run's :class:`~trainables.continual.RunSetup`."""

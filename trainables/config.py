@@ -101,7 +101,7 @@ class Rho1Options(_Strict):
 class RandomOptions(_Strict):
     mode: Literal["uniform", "bernoulli"] = "bernoulli"
     p: float = Field(0.5, ge=0.0, le=1.0)  # Bernoulli mean when `match` is unset
-    # a reference scheme whose per-sequence mean weight the Bernoulli weights copy
+    # another scheme whose per-sequence mean weight the Bernoulli weights copy (the matched scheme)
     match: Optional[str] = None
 
 

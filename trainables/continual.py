@@ -81,7 +81,7 @@ class RunSetup:
     trainable = property(lambda self: self.theta.trainable)
     tokenizer = property(lambda self: self.theta.tokenizer)
     device = property(lambda self: self.theta.device)
-    reference = property(lambda self: self.theta.reference)  # forward of the frozen initial θ, when needed
+    reference_model = property(lambda self: self.theta.reference_model)  # the frozen initial θ's forward, when needed
     pad_id = property(lambda self: self.theta.pad_id)
 
     def components(self) -> tuple:
@@ -96,8 +96,8 @@ def build_components(cfg: RunConfig, env: SchemeEnv) -> tuple[Composite, Regular
 
 def finish_setup(setup: RunSetup, env: SchemeEnv) -> RunSetup:
     """Wire the reference model into the weighting environment, then every component's ``setup`` hook."""
-    if setup.weighting.needs_reference:
-        env.reference_nll = lambda ids, mask: token_nll(setup.reference(ids, mask).logits, ids, mask)
+    if setup.weighting.needs_reference_model:
+        env.reference_model_nll = lambda ids, mask: token_nll(setup.reference_model(ids, mask).logits, ids, mask)
     for c in setup.components():
         c.setup(setup)
     return setup
@@ -111,7 +111,7 @@ def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
     env = SchemeEnv(tokenizer=tokenizer, device=device)
     weighting, regularizer, replay = build_components(cfg, env)
     theta = build_theta(cfg.model, cfg.params, device, cfg.seed, tokenizer=tokenizer,
-                        needs_reference=any(c.needs_reference for c in (weighting, regularizer, replay)))
+                        needs_reference_model=any(c.needs_reference_model for c in (weighting, regularizer, replay)))
     # tailoring scores facts with the untrained θ (LoRA, K-Adapter and full fine-tuning all start at the base model)
     split = build_split(cfg.data, cfg.model, lama, tokenizer, lambda: theta.model, cfg.eval.batch_size, device,
                         progress=progress)

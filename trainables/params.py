@@ -37,7 +37,7 @@ class Parameterisation(Component):
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError
 
-    def reference(self, model: torch.nn.Module, frozen: Optional[torch.nn.Module]) -> Callable:
+    def reference_model(self, model: torch.nn.Module, frozen: Optional[torch.nn.Module]) -> Callable:
         """Forward of the frozen initial θ: ``ref(ids, mask, hidden=False, attentions=False)``."""
 
         @torch.no_grad()

@@ -105,7 +105,7 @@ class MixReview(Replay):
 
 @REPLAYS.register("gere")
 class GeRe(Replay):
-    needs_reference = True
+    needs_reference_model = True
 
     @property
     def needs_hidden(self):
@@ -120,7 +120,7 @@ class GeRe(Replay):
             return None
         g = self.cfg.gere
         ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
-        ref = run.reference(ids, mask, hidden=g.loss != "kl")
+        ref = run.reference_model(ids, mask, hidden=g.loss != "kl")
         if g.loss == "kl":
             logp = torch.log_softmax(out.logits[rows].float(), -1)
             ref_logp = torch.log_softmax(ref.logits.float(), -1)
@@ -151,7 +151,7 @@ def feature_penalty(h: torch.Tensor, h_ref: torch.Tensor, mask: torch.Tensor, ki
 @REPLAYS.register("seekr")
 class Seekr(Replay):
     needs_attentions = True
-    needs_reference = True
+    needs_reference_model = True
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -222,7 +222,7 @@ class Seekr(Replay):
         if not rows.any() or not self.heads:
             return None
         ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
-        ref = run.reference(ids, mask, attentions=True)
+        ref = run.reference_model(ids, mask, attentions=True)
         return self.cfg.seekr.coef * attention_distillation([a[rows] for a in out.attentions], ref.attentions,
                                                             self.heads, mask)
 

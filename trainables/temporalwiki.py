@@ -170,10 +170,10 @@ def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = No
                                      seeds.temporalwiki_subsample(cfg.seed, i, "unchanged"))})
     env = SchemeEnv(tokenizer=tokenizer, device=device)
     weighting, regularizer, replay = build_components(cfg, env)
-    if weighting.needs_reference:
+    if weighting.needs_reference_model:
         raise InputError("weighting.scheme", "schemes needing a reference model (rho1) are not wired for "
                                              "TemporalWiki yet")
-    if replay.needs_reference:
+    if replay.needs_reference_model:
         raise InputError("replay.kind", "GeRe and SEEKR are not wired for TemporalWiki yet; use mix_review")
     theta = build_theta(cfg.model, cfg.params, device, cfg.seed, tokenizer=tokenizer)
     theta.model.train()

@@ -1,6 +1,6 @@
 """θ, built once from config: the one place a base model becomes the model a loop trains.
 
-    theta = build_theta(cfg.model, cfg.params, device, seed=cfg.seed, needs_reference=True)
+    theta = build_theta(cfg.model, cfg.params, device, seed=cfg.seed, needs_reference_model=True)
 
 Every loop and command (the continual update, meta-training, TemporalWiki, `taalm data tailor`) builds θ
 here: tokenizer, base model (the parameterisation's loading options; placed on the device unless the
@@ -38,7 +38,7 @@ class Theta:
     trainable: dict[str, torch.nn.Parameter]  # name -> parameter, in model order
     device: torch.device
     parameterisation: Optional[Parameterisation]  # None: the base model, nothing trains
-    reference: Optional[Callable] = None  # forward of the frozen initial θ (when asked for)
+    reference_model: Optional[Callable] = None  # forward of the frozen initial θ (when asked for)
 
     @property
     def pad_id(self) -> int:
@@ -50,9 +50,9 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def build_theta(model_cfg: ModelConfig, params_cfg: Optional[ParamsConfig], device: torch.device, seed: int = 0,
-                needs_reference: bool = False, tokenizer=None) -> Theta:
+                needs_reference_model: bool = False, tokenizer=None) -> Theta:
     """θ with its trainable set. ``params_cfg`` None: the base model alone, every parameter frozen
-    (scoring, tailoring). ``needs_reference``: also the forward of the frozen initial θ."""
+    (scoring, tailoring). ``needs_reference_model``: also the forward of the frozen initial θ."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
     param = build_parameterisation(params_cfg) if params_cfg is not None else None
     base = load_base_model(model_cfg, tokenizer, param.load_kwargs() if param else None)
@@ -60,8 +60,8 @@ def build_theta(model_cfg: ModelConfig, params_cfg: Optional[ParamsConfig], devi
         base = base.to(device)
     if param is None:
         return Theta(tokenizer, base, {}, device, None)
-    frozen = frozen_copy(base) if needs_reference and param.frozen_copy else None
+    frozen = frozen_copy(base) if needs_reference_model and param.frozen_copy else None
     seed_everything(seed)  # the adapters' initialisation depends on the seed only
     model = param.apply(base)
-    reference = param.reference(model, frozen) if needs_reference else None
-    return Theta(tokenizer, model, trainable_parameters(model), device, param, reference)
+    reference_model = param.reference_model(model, frozen) if needs_reference_model else None
+    return Theta(tokenizer, model, trainable_parameters(model), device, param, reference_model)

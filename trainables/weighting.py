@@ -30,7 +30,7 @@ class SchemeEnv:
     tokenizer: object = None
     device: object = "cpu"
     # nll of the frozen reference model θ_ref (the initial θ) on a batch: (input_ids, attention_mask) -> [B, T-1]
-    reference_nll: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    reference_model_nll: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
 
 @dataclass
@@ -49,8 +49,8 @@ class WeightContext:
 
 
 class Scheme(Component):
-    """Base class. ``needs_reference``: the loop must supply ``env.reference_nll``; ``needs_logits``: the
-    context carries θ's logits."""
+    """Base class. ``needs_reference_model``: the loop must supply ``env.reference_model_nll``;
+    ``needs_logits``: the context carries θ's logits."""
 
     needs_logits = False
 
@@ -98,14 +98,14 @@ class Rho1(Scheme):
     l_t(θ) - l_t(θ_ref) (θ_ref = the frozen initial model). Normalisation: by Σw, like every scheme
     here (§1), which for a sequence of n real tokens equals ceil((1-k)·n)."""
 
-    needs_reference = True
+    needs_reference_model = True
 
     def __call__(self, ctx):
-        if self.env.reference_nll is None:
+        if self.env.reference_model_nll is None:
             raise ValueError("the rho1 scheme needs a reference model")
         ref = ctx._cache.get("ref_nll")
         if ref is None:
-            ref = ctx._cache["ref_nll"] = self.env.reference_nll(ctx.input_ids, ctx.attention_mask)
+            ref = ctx._cache["ref_nll"] = self.env.reference_model_nll(ctx.input_ids, ctx.attention_mask)
         mask = ctx.pred_mask
         excess = torch.where(mask > 0, ctx.nll - ref, torch.full_like(ctx.nll, -math.inf))
         w = torch.zeros_like(mask)
@@ -123,23 +123,23 @@ class Rho1(Scheme):
 @SCHEMES.register("random")
 class Random(Scheme):
     """A control: i.i.d. uniform(0,1) weights, or Bernoulli(p) weights; with ``random.match`` set,
-    p is the per-sequence mean weight of that reference scheme (same number of effective tokens,
+    p is the per-sequence mean weight of that matched scheme (same number of effective tokens,
     different tokens)."""
 
     def __init__(self, options, env):
         super().__init__(options, env)
-        ref = options.random.match
-        self.reference = SCHEMES.get(ref)(options, env) if ref else None
-        self.needs_reference = bool(self.reference and self.reference.needs_reference)
-        self.needs_logits = bool(self.reference and self.reference.needs_logits)
+        match = options.random.match
+        self.match_scheme = SCHEMES.get(match)(options, env) if match else None
+        self.needs_reference_model = bool(self.match_scheme and self.match_scheme.needs_reference_model)
+        self.needs_logits = bool(self.match_scheme and self.match_scheme.needs_logits)
 
     def __call__(self, ctx):
         mask = ctx.pred_mask
         u = torch.rand(mask.shape, generator=ctx.generator)
-        if self.options.random.mode == "uniform" and self.reference is None:
+        if self.options.random.mode == "uniform" and self.match_scheme is None:
             return u * mask
-        if self.reference is not None:
-            ref_w = self.reference(ctx)
+        if self.match_scheme is not None:
+            ref_w = self.match_scheme(ctx)
             p = (ref_w.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
         else:
             p = torch.full((mask.size(0), 1), self.options.random.p)
@@ -168,7 +168,7 @@ class Composite(Component):
 
     def __init__(self, schemes: list[Scheme]):
         self.schemes = schemes
-        self.needs_reference = any(s.needs_reference for s in schemes)
+        self.needs_reference_model = any(s.needs_reference_model for s in schemes)
         self.needs_logits = any(s.needs_logits for s in schemes)
 
     def __call__(self, ctx: WeightContext) -> torch.Tensor:
