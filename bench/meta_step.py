@@ -31,7 +31,7 @@ import torch
 
 def _setup(model: str, batch: int, max_length: int, batching: str = "vmap", chunk: int | None = None):
     from trainables.config import load_config
-    from trainables.meta import Inner, MetaConfig, prepare_meta
+    from trainables.meta import MetaConfig, prepare_meta
 
     overrides = [f"model.name={model}", "params.kind=lora", "params.r=16", "params.dropout=0.0",
                  f"meta.max_length={max_length}", f"data.max_doc_tokens={max_length}", "meta.pool_size=40",
@@ -40,30 +40,30 @@ def _setup(model: str, batch: int, max_length: int, batching: str = "vmap", chun
                  f"meta.batching={batching}"] + ([f"meta.vmap_chunk={chunk}"] if chunk else [])
     cfg = load_config(None, overrides, schema=MetaConfig)
     s = prepare_meta(cfg)
-    return cfg, s, Inner(s["model"], s["theta0"], cfg.meta, s["tokenizer"].pad_token_id), s["train"][:batch]
+    return cfg, s, s.inner, s.train[:batch]
 
 
 def child(mode: str, model: str, batch: int, repeats: int, max_length: int, chunk: int) -> dict:
     from trainables.encode import EncodedDoc, collate
     from trainables.loss import token_nll, weighted_loss
-    from trainables.meta import meta_gradient
+    from trainables.bilevel import meta_gradient
     from trainables.train_attention import phi_trainable
 
     cfg, s, inner, examples = _setup(model, batch, max_length, "sequential" if mode == "meta_sequential" else "vmap",
                                      chunk if mode == "meta_chunked" else None)
-    theta = s["model"]
+    theta = s.theta.model
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode in ("plain", "plain_sequential"):
         for p in theta.parameters():
             p.requires_grad_(False)
-        params = [p for n, p in theta.named_parameters() if n in s["theta0"]]
+        params = [p for n, p in theta.named_parameters() if n in inner.theta0]
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=1e-4)
         docs = [EncodedDoc(ex.doc["input_ids"][0].tolist(), ex.doc["object_mask"][0].tolist()) for ex in examples]
         # plain: the batch in one forward; plain_sequential: one example at a time (as the meta-step goes)
         groups = [docs] if mode == "plain" else [[d] for d in docs]
-        batches = [collate(g, s["tokenizer"].pad_token_id) for g in groups]
+        batches = [collate(g, s.tokenizer.pad_token_id) for g in groups]
 
         def step():
             opt.zero_grad()
@@ -74,7 +74,7 @@ def child(mode: str, model: str, batch: int, repeats: int, max_length: int, chun
                 (weighted_loss(nll, w) / len(batches)).backward()
             opt.step()
     else:
-        phi = s["phi"]
+        phi = s.phi
         opt = torch.optim.AdamW(list(phi_trainable(phi).values()), lr=2e-4)
 
         def step():

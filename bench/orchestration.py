@@ -45,12 +45,13 @@ class FirstResult(tune.Callback):
 
 def _direct(cfg) -> tuple[float, float]:
     """(wall, seconds to the first evaluated epoch) of the loop called in this process."""
-    from trainables.continual import Callback, continual_update
+    from trainables.continual import continual_update
+    from trainables.loop import Callback
 
     class First(Callback):
         first = None
 
-        def on_epoch_end(self, r):
+        def on_report(self, r):
             if First.first is None:
                 First.first = time.perf_counter()
 

@@ -37,26 +37,26 @@ def study_console(name: str):
 
 
 class RichProgress:
-    """A progress bar over training steps plus one line per evaluated epoch."""
+    """What a loop shows on the terminal (one shape for the three loops, trainables/loop.py): a progress bar over
+    the optimisation steps, one line per report, a first line saying what runs."""
 
-    def __init__(self, epochs: int):
-        from trainables.continual import Callback
+    def __init__(self, first_line, report_line, step_text):
+        from trainables.loop import Callback
 
         outer = self
 
         class _CB(Callback):
-            def on_run_start(self, info):
-                console.print(f"[bold]run[/] TO-LEARN {info['n_to_learn']} facts, NOT-TO-FORGET {info['n_ntf']}, "
-                              f"{info['n_trainable_params']:,} trainable parameters ({info['split']['origin']})")
+            def on_start(self, info):
+                line = first_line(info)
+                if info.get("resumed_from") is not None:
+                    line += f" [resumed after {info['resumed_from']}]"
+                console.print(line, highlight=False, soft_wrap=True)
 
-            def on_step(self, epoch, step, n_steps, loss):
-                outer.progress.update(outer.task, total=n_steps, completed=step + 1,
-                                      description=f"epoch {epoch}/{epochs} loss {loss:.3f}")
+            def on_step(self, unit, step, n_steps, loss):
+                outer.progress.update(outer.task, total=n_steps, completed=step + 1, description=step_text(unit, loss))
 
-            def on_epoch_end(self, r):
-                loss = "" if r.train_loss is None else f" loss {r.train_loss:.4f}"
-                console.print(f"epoch {r.epoch:>3}: TO-LEARN acc {r.to_learn_acc:.4f} (EM {r.to_learn_em:.3f})  "
-                              f"NTF acc {r.ntf_acc:.4f} (EM {r.ntf_em:.3f}){loss}  [{r.wall_seconds:.1f}s]")
+            def on_report(self, r):
+                console.print(report_line(r), highlight=False, soft_wrap=True)
 
         self.callback = _CB()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -77,7 +77,15 @@ def run(
     cfg = load_config(config, set_)  # validated before anything is created
     from trainables.continual import continual_update
 
-    ui = RichProgress(cfg.train.epochs)
+    def report_line(r):
+        m = r.metrics
+        loss = "" if m["train_loss"] is None else f" loss {m['train_loss']:.4f}"
+        return (f"epoch {r.index:>3}: TO-LEARN acc {m['to_learn_acc']:.4f} (EM {m['to_learn_em']:.3f})  "
+                f"NTF acc {m['ntf_acc']:.4f} (EM {m['ntf_em']:.3f}){loss}  [{r.wall_seconds:.1f}s]")
+
+    ui = RichProgress(lambda i: f"[bold]run[/] TO-LEARN {i['n_to_learn']} facts, NOT-TO-FORGET {i['n_ntf']}, "
+                                f"{i['n_trainable_params']:,} trainable parameters ({i['split']['origin']})",
+                      report_line, lambda epoch, loss: f"epoch {epoch}/{cfg.train.epochs} loss {loss:.3f}")
     with ui.progress:
         metrics = continual_update(cfg, out_dir=out, callbacks=[ui.callback], resume=resume)
     console.print(f"[bold green]done[/] Top Acc {metrics['top_acc']:.4f} (epoch {metrics['top_epoch']}), "
@@ -88,28 +96,28 @@ def run(
 @app.command("meta-train")
 def meta_train_cmd(
     config: Path = typer.Argument(..., help="Meta-training config (YAML)."),
-    out: Path = typer.Option(..., "--out", help="Output directory (phi/, meta_metrics.json, heatmap.html)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (phi/, meta_metrics.json, heatmap.html, "
+                                                "checkpoint/)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(True, help="Continue from OUT/checkpoint (the last check) when it exists; "
+                                           "meta.steps / meta.epochs may be raised to train φ longer."),
 ):
     """Meta-train Train-Attention φ (TAALM) on the tailored Train-Attention pool."""
     from trainables.config import load_config
     from trainables.meta import MetaConfig, meta_train
 
     cfg = load_config(config, set_, schema=MetaConfig)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as prog:
-        t = prog.add_task("meta-training", total=None)
 
-        def on_step(ev):
-            if "step" in ev:
-                prog.update(t, completed=ev["step"], total=ev.get("n_steps"),
-                            description=f"meta-step objective {ev['objective']:.4f}")
-            else:
-                v = ev["validation"]
-                console.print(f"step {v['step']:>4}: validation acc {v['val_acc']:.4f}  weight on object tokens "
-                              f"{v['object_weight_share']:.1%} (uniform {v['uniform_share']:.1%}, oracle 100%)")
+    def report_line(r):
+        v = r.metrics
+        return (f"step {r.index:>4}: validation acc {v['val_acc']:.4f}  weight on object tokens "
+                f"{v['object_weight_share']:.1%} (uniform {v['uniform_share']:.1%}, oracle 100%)")
 
-        m = meta_train(cfg, out_dir=out, on_step=on_step)
+    ui = RichProgress(lambda i: f"[bold]meta-train[/] {i['n_train_examples']} training and {i['n_val_examples']} "
+                                f"held-out facts, {i['n_steps']} meta-steps",
+                      report_line, lambda unit, obj: f"meta-step objective {obj:.4f}")
+    with ui.progress:
+        m = meta_train(cfg, out_dir=out, callbacks=[ui.callback], resume=resume)
     f = m["objective_fixed_set"]
     h = m.get("held_out_focus")
     if h:
@@ -317,8 +325,9 @@ def _fmt(x) -> str:
 @app.command()
 def temporalwiki(
     config: Path = typer.Argument(..., help="TemporalWiki config (YAML): a run config plus `temporalwiki.periods`."),
-    out: Path = typer.Option(..., "--out", help="Output directory (metrics.json)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (metrics.json, checkpoint/)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(True, help="Continue after the last checkpointed period when OUT/checkpoint exists."),
 ):
     """Run the TemporalWiki protocol: periods in order, θ carried over, CHANGED/UNCHANGED perplexity."""
     from trainables.config import load_config
@@ -326,12 +335,15 @@ def temporalwiki(
 
     cfg = resolve_paths(load_config(config, set_, schema=TemporalWikiConfig), config.resolve().parent)
 
-    def show(r):
-        console.print(f"period {r['period']}: CHANGED ppl {r['changed_ppl']:.2f}  UNCHANGED ppl "
-                      f"{r['unchanged_ppl']:.2f}  ({r['n_docs']} documents, loss {r['train_loss']:.3f})",
-                      highlight=False)
+    def report_line(r):
+        m = r.metrics
+        return (f"period {r.label}: CHANGED ppl {m['changed_ppl']:.2f}  UNCHANGED ppl {m['unchanged_ppl']:.2f}  "
+                f"({m['n_docs']} documents, loss {m['train_loss']:.3f})")
 
-    m = temporalwiki_run(cfg, out_dir=out, on_period=show)
+    ui = RichProgress(lambda i: f"[bold]temporalwiki[/] periods {', '.join(i['periods'])}", report_line,
+                      lambda period, loss: f"period {cfg.temporalwiki.periods[period].name} loss {loss:.3f}")
+    with ui.progress:
+        m = temporalwiki_run(cfg, out_dir=out, callbacks=[ui.callback], resume=resume)
     console.print(f"[bold green]done[/] average CHANGED ppl {m['avg_changed_ppl']:.2f}, UNCHANGED ppl "
                   f"{m['avg_unchanged_ppl']:.2f}, {m['wall_seconds']:.1f}s -> {out / 'metrics.json'}",
                   highlight=False, soft_wrap=True)

@@ -28,7 +28,18 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from trainables.loop import UNIT
+
 NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna")
+
+# one line per report, by the loop's report kind (trainables/loop.py)
+REPORT_LINE = {
+    "epoch": lambda r: f"TO-LEARN {r.get('to_learn_acc', float('nan')):.3f}  NTF {r.get('ntf_acc', float('nan')):.3f}",
+    "check": lambda r: (f"validation acc {r.get('val_acc', float('nan')):.3f}, weight on object tokens "
+                        f"{r.get('object_weight_share', float('nan')):.1%}"),
+    "period": lambda r: (f"{r.get('label', '')} CHANGED ppl {r.get('changed_ppl', float('nan')):.2f}  "
+                         f"UNCHANGED ppl {r.get('unchanged_ppl', float('nan')):.2f}").strip(),
+}
 
 
 def configure_output(study_dir: Optional[Path], verbose: bool = False,
@@ -77,9 +88,10 @@ def _fmt_time(s: Optional[float]) -> str:
 @dataclass
 class TrialView:
     name: str  # "TAALM seed 0"
-    total_epochs: Optional[int]  # None: unknown (meta-training, searches before the first result)
+    total_epochs: Optional[int]  # the last index of its reports (epochs, meta-steps, periods - 1); None: unknown
     state: str = "pending"
-    epoch: Optional[int] = None
+    epoch: Optional[int] = None  # the index of its latest report
+    unit: str = "epoch"  # what the index counts (trainables/loop.py UNIT)
     to_learn: Optional[float] = None
     ntf: Optional[float] = None
     started: Optional[float] = None
@@ -87,6 +99,15 @@ class TrialView:
     ended: Optional[float] = None
     reason: str = ""
     extra: dict = field(default_factory=dict)
+
+    def position(self) -> str:
+        """"epoch 2/3", "step 40/88", "period 1/2" (periods counted from 1)."""
+        if self.epoch is None:
+            return ""
+        shown, total = self.epoch, self.total_epochs
+        if self.unit == "period":
+            shown, total = shown + 1, None if total is None else total + 1
+        return f"{self.unit} {shown}" + (f"/{total}" if total is not None else "")
 
     def elapsed(self, now: float) -> Optional[float]:
         return None if self.started is None else (self.ended or now) - self.started
@@ -151,29 +172,27 @@ class StudyConsole(tune.Callback):
         self._refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        """A loop's report (trainables/loop.py): ``kind`` says which loop, ``index`` / ``total`` where it is."""
         v = self._view(trial)
         now = time.monotonic()
         v.state = "running"
         v.started = v.started or now
-        if "val_acc" in result:  # meta-training: a validation check
-            v.epoch = result.get("step")
-            v.extra["validation"] = (f"step {result.get('step')}: validation acc {result['val_acc']:.3f}, weight on "
-                                     f"object tokens {result.get('object_weight_share', float('nan')):.1%}")
-            if not self.interactive:
-                self.console.print(f"  {v.name} {v.extra['validation']}", highlight=False, soft_wrap=True)
-        elif "epoch" in result:
-            if v.first_result is None:
-                v.first_result = now
-            v.epoch = int(result["epoch"])
-            if v.total_epochs is None and isinstance(result.get("config"), dict):
-                v.total_epochs = result["config"].get("train", {}).get("epochs")
+        kind = result.get("kind")
+        if kind not in REPORT_LINE:
+            return
+        if v.first_result is None:
+            v.first_result = now
+        v.unit, v.epoch = UNIT[kind], int(result.get("index", 0))
+        total = result.get("total")
+        if isinstance(total, (int, float)) and total == total:
+            v.total_epochs = int(total)
+        if kind == "epoch":
             v.to_learn, v.ntf = result.get("to_learn_acc"), result.get("ntf_acc")
-            if "changed_ppl" in result:
-                v.extra["ppl"] = f"CHANGED ppl {result['changed_ppl']:.2f}  UNCHANGED ppl {result['unchanged_ppl']:.2f}"
-            if not self.interactive:
-                self.console.print(f"  {v.name} epoch {v.epoch}{'/' + str(v.total_epochs) if v.total_epochs else ''}: "
-                                   + (v.extra.get("ppl") or f"TO-LEARN {v.to_learn:.3f}  NTF {v.ntf:.3f}"),
-                                   highlight=False, soft_wrap=True)
+        else:
+            v.extra["line"] = REPORT_LINE[kind](result)
+        if not self.interactive:
+            self.console.print(f"  {v.name} {v.position()}: {REPORT_LINE[kind](result)}", highlight=False,
+                               soft_wrap=True)
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -244,17 +263,16 @@ class StudyConsole(tune.Callback):
         running = sum(v.state == "running" for v in views)
         header = Text.assemble((self.name, "bold"), f" · {self.stage} · {self._progress_text()}, {running} running")
         t = Table(expand=False)
-        for col in ("trial", "state", "epoch", "TO-LEARN", "NTF", "time"):
-            t.add_column(col, justify="right" if col in ("epoch", "TO-LEARN", "NTF", "time") else "left")
+        for col in ("trial", "state", "progress", "TO-LEARN", "NTF", "time"):
+            t.add_column(col, justify="right" if col in ("progress", "TO-LEARN", "NTF", "time") else "left")
         style = {"done": "green", "running": "cyan", "FAILED": "bold red", "retrying": "yellow", "pending": "dim"}
         for v in views:
-            epoch = "" if v.epoch is None else f"{v.epoch}" + (f"/{v.total_epochs}" if v.total_epochs else "")
             acc = lambda x: "" if x is None or x != x else f"{x:.3f}"  # noqa: E731
             state = v.state + (f": {v.reason[:60]}" if v.reason else "")
-            t.add_row(v.name, Text(state, style=style.get(v.state, "")), epoch, acc(v.to_learn), acc(v.ntf),
+            t.add_row(v.name, Text(state, style=style.get(v.state, "")), v.position(), acc(v.to_learn), acc(v.ntf),
                       _fmt_time(v.elapsed(now)))
-            if v.extra.get("validation"):
-                t.add_row("", Text(v.extra["validation"], style="dim"), "", "", "", "")
+            if v.extra.get("line"):  # meta-training's latest check, TemporalWiki's latest period
+                t.add_row("", Text(v.extra["line"], style="dim"), "", "", "", "")
         return Group(header, t)
 
     def _refresh(self) -> None:

@@ -1,8 +1,10 @@
 """Ray entry points: a thin layer over the plain loops in trainables/.
 
 A trial (:class:`~orchestrator.specs.TrialSpec`) runs one of three loops (the continual update,
-meta-training, TemporalWiki) through a *session*: report a result with an optional checkpoint, hand back
-the checkpoint to resume from, say this worker's rank. Two sessions, one loop code:
+meta-training, TemporalWiki), all of one shape (trainables/loop.py), through :class:`TrialSession`: the time
+budget and fault injection at every step, every report with its checkpoint to Tune, the checkpoint restored
+before a relaunched trial starts. Underneath, a *session* reports a result with an optional checkpoint, hands
+back the checkpoint to resume from and says this worker's rank. Two sessions, one loop code:
 
 * lean (single-worker trials, the default): the loop runs inside the Tune trial's own process
   (:class:`TuneSession`, ``ray.tune.report``). With ``reuse_actors`` that process stays warm from trial to
@@ -23,9 +25,10 @@ from typing import Optional
 
 import torch
 
+from trainables.loop import UNIT, Callback, Report
+
 from .specs import TrialSpec
 
-REPORT_KEYS = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "wall_seconds")
 FAULT_ENV = "TAALM_INJECT_FAULT"
 
 
@@ -73,128 +76,127 @@ def _setup_threads(spec: TrialSpec) -> None:
 
 
 def _restore_into(session, out: Path, name: str) -> None:
+    """The checkpoint Tune / Ray Train hands back to a relaunched trial, as ``out/name`` (replacing what is there:
+    the recorded checkpoint is the one the study knows about)."""
     ckpt = session.checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             src = Path(d) / name
             if src.is_dir():
-                shutil.copytree(src, out / name, dirs_exist_ok=True)
+                shutil.rmtree(out / name, ignore_errors=True)
+                shutil.copytree(src, out / name)
 
 
 def injected_faults(labels: list[str]) -> dict[str, int]:
     """Fault injection for checking retries before a long study (a testing hook, off by default).
 
-    ``TAALM_INJECT_FAULT=EPOCH`` (every trial) or ``EPOCH:LABEL[,EPOCH:LABEL...]`` makes a trial's first
-    attempt crash at the first step after epoch EPOCH was checkpointed; a retry (``resources.max_failures``)
-    restores that checkpoint and goes on without the fault. Read once in the driver, at study start."""
+    ``TAALM_INJECT_FAULT=INDEX`` (every trial) or ``INDEX:LABEL[,INDEX:LABEL...]`` makes a trial's first
+    attempt crash at its first step after the report of INDEX (an epoch; a meta-training trial's meta-step; a
+    TemporalWiki period) was checkpointed; a retry (``resources.max_failures``) restores that checkpoint and goes
+    on without the fault. Read once in the driver, at study start."""
     from trainables.errors import InputError
 
     raw = os.environ.get(FAULT_ENV, "").strip()
     out: dict[str, int] = {}
     for item in filter(None, (x.strip() for x in raw.split(","))):
-        epoch, _, label = item.partition(":")
-        if not epoch.isdigit() or (label and label not in labels):
-            raise InputError(f"{FAULT_ENV}={raw}", f"expected EPOCH or EPOCH:LABEL with a label of this study "
+        index, _, label = item.partition(":")
+        if not index.isdigit() or (label and label not in labels):
+            raise InputError(f"{FAULT_ENV}={raw}", f"expected INDEX or INDEX:LABEL with a label of this study "
                                                     f"({', '.join(sorted(set(labels)))})")
         for name in ([label] if label else labels):
-            out[name] = int(epoch)
+            out[name] = int(index)
     return out
 
 
-def continual_worker(spec: TrialSpec, session) -> None:
-    import ray
+class TrialSession(Callback):
+    """The orchestrator's side of every loop (continual, meta-training, TemporalWiki), one shape for all three:
 
-    from trainables.config import RunConfig
-    from trainables.continual import Callback, continual_update
+    * every step: the time budget (``resources.time_budget_s``) and fault injection (``TAALM_INJECT_FAULT``);
+    * every report: its numbers (``Report.flat``) and its checkpoint go to Tune / Ray Train, so that a relaunched
+      trial restores it (:func:`_restore_into`, before the loop starts with ``resume``);
+    * once per resumed attempt: the reports before the checkpoint (``restored``), in case the driver died before
+      it logged them (the tracking callback fills in only what MLflow is missing)."""
 
-    cfg = RunConfig.model_validate(spec.config)
-    out = Path(tempfile.mkdtemp(prefix=f"taalm-trial-r{session.rank}-"))
+    def __init__(self, spec: TrialSpec, session):
+        self.session, self.budget, self.fault = session, spec.resources.time_budget_s, spec.inject_fault
+        self.started = time.monotonic()
+        self.resumed_from: Optional[int] = None
+        self.kind, self.reported = "epoch", None  # the loop's report kind, the last index reported in this attempt
+        self.once: dict = {}
+
+    def on_start(self, info: dict) -> None:
+        self.resumed_from = info.get("resumed_from")
+        if info.get("to_learn_uuids") is not None:  # the facts behind every epoch's per-fact accuracies
+            self.once["uuids"] = {"to_learn": info["to_learn_uuids"], "ntf": info["ntf_uuids"]}
+        if self.resumed_from is not None and info.get("restored"):
+            self.once["restored"] = info["restored"]
+
+    def on_step(self, unit, step, n_steps, loss) -> None:
+        if self.budget is not None and time.monotonic() - self.started > self.budget:
+            raise TimeoutError(f"trial exceeded its time budget of {self.budget} s (resources.time_budget_s)")
+        if (self.fault is not None and self.resumed_from is None and self.reported is not None
+                and self.reported >= self.fault):  # a first attempt only
+            raise RuntimeError(f"injected fault after {UNIT[self.kind]} {self.fault} ({FAULT_ENV})")
+
+    def on_report(self, r: Report) -> None:
+        import ray
+
+        self.kind, self.reported = r.kind, r.index
+        metrics = r.flat()
+        metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which Ray node ran rank 0
+        metrics["pid"] = os.getpid()  # and which process (a warm process runs several trials)
+        metrics["resumed_from"] = -1 if self.resumed_from is None else self.resumed_from
+        if r.per_fact:  # every fact's accuracy this epoch (the report's paired comparisons); the facts once
+            metrics["per_fact"] = dict(r.per_fact, **({"uuids": self.once.pop("uuids")} if "uuids" in self.once
+                                                      else {}))
+        if "restored" in self.once:
+            metrics["restored"] = self.once.pop("restored")
+        if r.checkpoint_dir and self.session.rank == 0:
+            # the reported directory holds "checkpoint/", so a restore lands where the loop looks
+            with tempfile.TemporaryDirectory() as staging:
+                shutil.copytree(r.checkpoint_dir, Path(staging) / "checkpoint")
+                self.session.report(metrics, Path(staging))
+        else:
+            self.session.report(metrics)
+
+
+def _run_loop(spec: TrialSpec, session, out: Path) -> None:
+    """The loop of ``spec.kind`` in ``out`` (its checkpoint restored there first), reporting through ``session``."""
     _restore_into(session, out, "checkpoint")
-    budget, fault, started = spec.resources.time_budget_s, spec.inject_fault, time.monotonic()
+    callbacks = [TrialSession(spec, session)]
+    if spec.kind == "continual":
+        from trainables.config import RunConfig
+        from trainables.continual import continual_update
 
-    class Report(Callback):
-        start_epoch = 0
-        restored_history = None
+        continual_update(RunConfig.model_validate(spec.config), out_dir=out, callbacks=callbacks)
+    elif spec.kind == "meta":
+        from trainables.meta import MetaConfig, meta_train
 
-        def on_run_start(self, info):
-            self.start_epoch = info["start_epoch"]  # > 0 when this attempt resumed from a checkpoint
-            self.restored_history = info["restored_history"]
-            self.uuids = {"to_learn": info["to_learn_uuids"], "ntf": info["ntf_uuids"]}
+        meta_train(MetaConfig.model_validate(spec.config), out_dir=out, callbacks=callbacks)
+    else:
+        from trainables.temporalwiki import TemporalWikiConfig, temporalwiki_run
 
-        def on_step(self, epoch, step, n_steps, loss):
-            if budget is not None and time.monotonic() - started > budget:
-                raise TimeoutError(f"trial exceeded its time budget of {budget} s (resources.time_budget_s)")
-            if fault is not None and self.start_epoch == 0 and epoch == fault + 1:  # a first attempt only
-                raise RuntimeError(f"injected fault after epoch {fault} ({FAULT_ENV})")
+        temporalwiki_run(TemporalWikiConfig.model_validate(spec.config), out_dir=out, callbacks=callbacks)
 
-        def on_epoch_end(self, r):
-            metrics = {"epoch": r.epoch, **{k: getattr(r, k) for k in REPORT_KEYS}, **r.summary}
-            metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
-            metrics["node_id"] = ray.get_runtime_context().get_node_id()  # which Ray node ran rank 0
-            metrics["pid"] = os.getpid()  # and which process (a warm process runs several trials)
-            metrics["start_epoch"] = self.start_epoch
-            # every fact's accuracy this epoch (the report's paired comparisons); the facts once per attempt
-            metrics["per_fact"] = dict(r.per_fact, **({"uuids": self.uuids} if self.uuids else {}))
-            self.uuids = None
-            if self.restored_history is not None:
-                # once per resumed attempt: the epochs before the checkpoint, in case the driver was killed
-                # before it logged them (the tracking callback fills in only what it is missing)
-                metrics["restored_history"], self.restored_history = self.restored_history, None
-            if r.checkpoint_dir:
-                # the reported directory holds "checkpoint/", so a restore lands where the loop looks
-                with tempfile.TemporaryDirectory() as staging:
-                    shutil.copytree(r.checkpoint_dir, Path(staging) / "checkpoint")
-                    session.report(metrics, Path(staging))
-            else:
-                session.report(metrics)
 
+def loop_worker(spec: TrialSpec, session) -> None:
+    """One trial's loop: meta-training works in φ's directory (``spec.phi_dir``, where φ is kept); the others in a
+    scratch directory removed afterwards (their checkpoints live on in Tune / Ray Train)."""
+    if spec.kind == "meta":
+        _run_loop(spec, session, Path(spec.phi_dir))
+        return
+    out = Path(tempfile.mkdtemp(prefix=f"taalm-trial-r{session.rank}-"))
     try:
-        continual_update(cfg, out_dir=out, callbacks=[Report()])
+        _run_loop(spec, session, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-
-
-def temporalwiki_worker(spec: TrialSpec, session) -> None:
-    """The TemporalWiki protocol: one report per period (epoch = period index)."""
-    from trainables.temporalwiki import TemporalWikiConfig, temporalwiki_run
-
-    cfg = TemporalWikiConfig.model_validate(spec.config)
-    seen: list[dict] = []
-
-    def on_period(r):
-        seen.append(r)
-        session.report({"epoch": r["index"], "period": r["period"], "changed_ppl": r["changed_ppl"],
-                        "unchanged_ppl": r["unchanged_ppl"], "train_loss": r["train_loss"],
-                        "avg_changed_ppl": sum(x["changed_ppl"] for x in seen) / len(seen),
-                        "avg_unchanged_ppl": sum(x["unchanged_ppl"] for x in seen) / len(seen)})
-
-    temporalwiki_run(cfg, on_period=on_period)
-
-
-def meta_worker(spec: TrialSpec, session) -> None:
-    """Meta-training; φ is written to ``spec.phi_dir``; one report per validation check."""
-    from trainables.meta import MetaConfig, meta_train
-
-    cfg = MetaConfig.model_validate(spec.config)
-
-    def on_step(ev):
-        if "validation" in ev:
-            v = ev["validation"]
-            session.report({"step": v["step"], "val_acc": v["val_acc"],
-                            "object_weight_ratio": v["object_weight_ratio"],
-                            "object_weight_share": v["object_weight_share"], "uniform_share": v["uniform_share"]})
-
-    meta_train(cfg, out_dir=Path(spec.phi_dir), on_step=on_step)
-
-
-WORKERS = {"continual": continual_worker, "meta": meta_worker, "temporalwiki": temporalwiki_worker}
 
 
 def train_worker(config: dict) -> None:
     """The per-worker function of a Ray Train run."""
     spec = TrialSpec.model_validate(config)
     _setup_threads(spec)
-    WORKERS[spec.kind](spec, TrainSession())
+    loop_worker(spec, TrainSession())
 
 
 def run_trial(spec: TrialSpec) -> None:
@@ -204,7 +206,7 @@ def run_trial(spec: TrialSpec) -> None:
 
         _setup_threads(spec)
         keep_base_weights(int(spec.resources.keep_weights_gb * 2 ** 30))
-        WORKERS[spec.kind](spec, TuneSession())
+        loop_worker(spec, TuneSession())
         return
     import ray.train
     from ray.train import FailureConfig, ScalingConfig

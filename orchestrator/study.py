@@ -193,31 +193,59 @@ def phi_location(meta_cfg: dict, seed: int, data_hash: str) -> tuple[str, Path]:
     return key, phi_cache_dir({"cfg": cfg, "data_hash": data_hash})
 
 
+def phi_trained(d: Path) -> bool:
+    """φ's cache directory holds a finished meta-training (OUT/phi is written at every better check, so it exists
+    mid-training too; meta_metrics.json only at the end)."""
+    return (d / "phi" / "phi.json").is_file() and (d / "meta_metrics.json").is_file()
+
+
+def _clear_phi_cache(d: Path) -> None:
+    import shutil
+
+    for name in ("phi", "checkpoint"):
+        shutil.rmtree(d / name, ignore_errors=True)
+    (d / "meta_metrics.json").unlink(missing_ok=True)
+
+
+def meta_seeds(spec: GridSpec, trials: list[Trial], meta_cfg: dict) -> list[int]:
+    """The seeds φ is meta-trained with: one per grid seed of the trials that use it (``meta.per_seed``), else the
+    meta config's own."""
+    return sorted({t.seed for t in trials if t.needs_phi}) if spec.meta.per_seed else [meta_cfg["seed"]]
+
+
+def meta_label(seed: int) -> str:
+    return f"meta-train seed {seed}"
+
+
 def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: Study, study_dir: Path,
-                   progress=None, resume: bool = False, retrain: bool = False) -> dict[int, str]:
+                   progress=None, resume: bool = False, retrain: bool = False,
+                   faults: Optional[dict[str, int]] = None) -> dict[int, str]:
     """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice);
     a φ shipped in ablations/phi/ for exactly that config and data seeds the cache. ``retrain``: train
-    anew, ignoring the cache and the shipped φ."""
+    anew, ignoring the cache and the shipped φ. An interrupted meta-training continues from its checkpoint
+    (φ's cache directory, or the one Tune hands back to a retried trial). ``faults``: TAALM_INJECT_FAULT by label."""
     data_hash = meta_data_hash(meta_cfg)
-    seeds = sorted({t.seed for t in trials if t.needs_phi}) if spec.meta.per_seed else [meta_cfg["seed"]]
     phis, todo, info = {}, [], {}
-    for seed in seeds:
+    for seed in meta_seeds(spec, trials, meta_cfg):
         cfg = dict(meta_cfg, seed=seed)
         key, d = phi_location(meta_cfg, seed, data_hash)
         phis[seed] = str(d / "phi")
-        info[key] = {"run_name": f"meta-train seed {seed}", "role": "meta", "params": {"meta": cfg},
+        info[key] = {"run_name": meta_label(seed), "role": "meta", "params": {"meta": cfg},
                      "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}
-        shipped = None if retrain or (d / "phi" / "phi.json").is_file() else shipped_phi(cfg, data_hash)
+        if retrain:  # anew: neither the cached φ nor a half-trained one's checkpoint
+            _clear_phi_cache(d)
+        shipped = None if retrain or phi_trained(d) else shipped_phi(cfg, data_hash)
         if shipped is not None:
             _seed_phi_cache(shipped, d)
             study.client.set_tag(study.parent_id, f"taalm.phi_seed{seed}", f"shipped: {shipped}")
             for f in ("phi.json", "meta_metrics.json", "heatmap.html"):  # what φ is, beside the study
                 if (shipped / f).is_file():
                     study.client.log_artifact(study.parent_id, str(shipped / f), f"phi_seed{seed}")
-        if retrain or not (d / "phi" / "phi.json").is_file():
+        if not phi_trained(d):  # not yet, or interrupted: the meta trial continues from d/checkpoint
             cpus = spec.resources.meta_cpu_count()
-            todo.append(TrialSpec(kind="meta", trial_key=key, label=f"meta-train seed {seed}", config=cfg,
+            todo.append(TrialSpec(kind="meta", trial_key=key, label=meta_label(seed), config=cfg,
                                   phi_dir=str(d), storage_path=str((study_dir / "train").resolve()),
+                                  inject_fault=(faults or {}).get(meta_label(seed)),
                                   resources=spec.resources.model_copy(update={
                                       "workers": 1, "cpus_per_worker": cpus, "torch_threads": max(1, int(cpus))})))
     if todo:
@@ -240,7 +268,8 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     from .ray_trainables import injected_faults
 
     spec, trials, meta_cfg = load_grid(grid_path, overrides)  # everything validated before anything starts
-    faults = injected_faults([t.label for t in trials])
+    meta_labels = [meta_label(s) for s in meta_seeds(spec, trials, meta_cfg)] if meta_cfg is not None else []
+    faults = injected_faults([t.label for t in trials] + meta_labels)
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
@@ -250,7 +279,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
     study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose)
     if meta_cfg is not None:
-        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi)
+        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi, faults)
         for t in trials:
             if t.needs_phi and not t.config.weighting.train_attention.phi:
                 phi = phis.get(t.seed, next(iter(phis.values())))
@@ -266,7 +295,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                                trial_key=t.key, label=t.label, config=cfg, resources=spec.resources,
                                storage_path=str((study_dir / "train").resolve()), inject_fault=faults.get(t.label)))
     if hasattr(progress, "expect"):
-        epochs = (lambda c: len(c["temporalwiki"]["periods"])) if spec.protocol == "temporalwiki" else \
+        epochs = (lambda c: len(c["temporalwiki"]["periods"]) - 1) if spec.protocol == "temporalwiki" else \
             (lambda c: c["train"]["epochs"])
         progress.expect("trials", [(s.trial_key, f"{s.label} seed {s.config['seed']}", epochs(s.config))
                                    for s in specs], spec.resources.max_concurrent)

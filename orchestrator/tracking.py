@@ -14,10 +14,12 @@ from pathlib import Path
 from ray import tune
 
 from trainables.config import flatten
+from trainables.loop import UNIT
 
 SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge", "avg_changed_ppl", "avg_unchanged_ppl")
 CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "changed_ppl",
           "unchanged_ppl")
+CHECKS = ("val_acc", "object_weight_ratio", "object_weight_share", "uniform_share")  # meta-training's checks
 
 
 def default_tracking_uri(study_dir: Path) -> str:
@@ -139,6 +141,8 @@ class MlflowTrials(tune.Callback):
         self.curves: dict[str, dict[str, dict[int, float]]] = {}
         # trial key -> {"uuids": {...}, "to_learn": {epoch: [acc per fact]}, "ntf": {...}}: per_fact.json
         self.per_fact: dict[str, dict] = {}
+        self.placed: set[str] = set()  # trials whose node and process are tagged
+        self.resumed: dict[str, float] = {}  # trial key -> the index its latest attempt resumed from (tagged)
 
     def _run(self, trial) -> tuple[str, str]:
         key = trial.config["t"]["trial_key"] if "t" in trial.config else trial.trial_id
@@ -161,39 +165,42 @@ class MlflowTrials(tune.Callback):
         self._run(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        """One report of a trial's loop (``kind`` epoch / check / period, at ``index``): its curves, every fact's
+        accuracy (continual), where it ran; a resumed attempt's first report also carries the reports before its
+        checkpoint (``restored``), logged here when MLflow is missing them (the driver may have died first)."""
         key, rid = self._run(trial)
-        restored = result.get("restored_history")
         pf = self.per_fact.setdefault(key, {"uuids": {}, "to_learn": {}, "ntf": {}})
-        if isinstance(restored, dict):  # a resumed attempt: epochs the driver may have died before logging
-            for epoch in range(int(result.get("start_epoch") or 0)):
-                self._log_step(key, rid, epoch, {k: v[epoch] for k, v in restored.items()
-                                                 if isinstance(v, list) and epoch < len(v)})
-                for name in ("to_learn", "ntf"):
-                    seq = restored.get(f"{name}_per_fact") or []
-                    if epoch < len(seq):
-                        pf[name].setdefault(epoch, seq[epoch])
-        step = int(result.get("epoch", result.get("step", 0)))
+        for earlier in result.get("restored") or []:
+            self._log_step(key, rid, int(earlier["index"]), earlier)
+            for name in ("to_learn", "ntf"):
+                seq = (earlier.get("per_fact") or {}).get(name)
+                if seq is not None:
+                    pf[name].setdefault(int(earlier["index"]), seq)
+        step = int(result.get("index", 0))
         self._log_step(key, rid, step, result)
         if isinstance(result.get("per_fact"), dict):
             pf["uuids"].update(result["per_fact"].get("uuids") or {})
             for name in ("to_learn", "ntf"):
                 if isinstance(result["per_fact"].get(name), list):
                     pf[name][step] = result["per_fact"][name]
-        if isinstance(result.get("node_id"), str) and step == 0:
+        if isinstance(result.get("node_id"), str) and key not in self.placed:
+            self.placed.add(key)
             self.study.client.set_tag(rid, "taalm.node_id", result["node_id"])
             self.study.client.set_tag(rid, "taalm.pid", str(result.get("pid")))
-        if result.get("start_epoch") and step == result["start_epoch"]:
-            # the first epoch of an attempt that continued from a checkpoint (a retry or `taalm resume`)
-            self.study.client.set_tag(rid, "taalm.resumed_from_epoch", str(result["start_epoch"] - 1))
+        resumed = result.get("resumed_from")
+        if isinstance(resumed, (int, float)) and resumed >= 0 and self.resumed.get(key) != resumed:
+            # an attempt that continued from a checkpoint (a retry or `taalm resume`)
+            self.resumed[key] = resumed
+            self.study.client.set_tag(rid, f"taalm.resumed_from_{UNIT.get(result.get('kind'), 'epoch')}",
+                                      str(int(resumed)))
 
     def _log_step(self, key: str, rid: str, step: int, values: dict) -> None:
-        """Log one epoch (step) of a trial's curves, unless it is already in MLflow."""
+        """Log one report (step = its index) of a trial's curves, unless it is already in MLflow."""
         from mlflow.entities import Metric
 
         if step in self.logged[key]:
             return
-        names = CURVES if self.info[key]["role"] == "trial" else ("val_acc", "object_weight_ratio",
-                                                                    "object_weight_share", "uniform_share")
+        names = CURVES if self.info[key]["role"] == "trial" else CHECKS
         now = int(time.time() * 1000)
         metrics = []
         for name in names:

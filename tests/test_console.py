@@ -24,7 +24,7 @@ def _console(interactive: bool):
 
 
 def _epoch(c, trial, epoch, tl, ntf):
-    c.on_trial_result(0, [], trial, {"epoch": epoch, "to_learn_acc": tl, "ntf_acc": ntf})
+    c.on_trial_result(0, [], trial, {"kind": "epoch", "index": epoch, "total": 2, "to_learn_acc": tl, "ntf_acc": ntf})
 
 
 def test_piped_console_prints_one_line_per_event_with_counts_out_of_the_study(tmp_path):
@@ -46,6 +46,21 @@ def test_piped_console_prints_one_line_per_event_with_counts_out_of_the_study(tm
     failed = [x for x in lines if x.startswith("trial FAILED: TAALM seed 0")]
     assert len(failed) == 1 and "ValueError: the loss is nan" in failed[0] and "1/3 done, 1 failed" in failed[0], lines
     assert c.live is None  # nothing drawn in place off a terminal
+
+
+def test_every_loop_reports_in_its_own_words():
+    """One report protocol (trainables/loop.py): the console reads a report's kind, not which keys it has."""
+    c, buf = _console(interactive=False)
+    c.expect("meta-training φ", [("m", "meta-train seed 0", None)], 1)
+    c.on_trial_result(0, [], _trial("m"), {"kind": "check", "index": 4, "total": 8, "val_acc": 0.25,
+                                           "object_weight_share": 0.5})
+    c.expect("trials", [("t", "Finetune seed 0", 1)], 1)
+    c.on_trial_result(0, [], _trial("t"), {"kind": "period", "index": 0, "total": 1, "label": "0910",
+                                           "changed_ppl": 12.5, "unchanged_ppl": 9.25})
+    lines = buf.getvalue().splitlines()
+    assert "  meta-train seed 0 step 4/8: validation acc 0.250, weight on object tokens 50.0%" in lines, lines
+    assert "  Finetune seed 0 period 1/2: 0910 CHANGED ppl 12.50  UNCHANGED ppl 9.25" in lines, lines
+    assert c.views["m"].unit == "step" and c.views["t"].unit == "period"
 
 
 def test_remaining_time_extrapolates_running_trials_and_counts_the_pending_ones():

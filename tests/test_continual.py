@@ -6,17 +6,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainables.continual import Callback, continual_update
+from trainables.continual import continual_update
 from trainables.errors import InputError
+from trainables.loop import Callback
 
 
 class Recorder(Callback):
     def __init__(self, crash_after=None):
         self.reports, self.crash_after = [], crash_after
 
-    def on_epoch_end(self, r):
+    def on_report(self, r):
         self.reports.append(r)
-        if self.crash_after is not None and r.epoch == self.crash_after:
+        if self.crash_after is not None and r.index == self.crash_after:
             raise KeyboardInterrupt("simulated crash")
 
 
@@ -32,7 +33,7 @@ def test_metrics_file_and_callbacks(tiny_cfg, tmp_path):
                 "total_knowledge", "wall_seconds", "config"):
         assert key in on_disk, key
     assert len(on_disk["to_learn_acc"]) == 3 and len(on_disk["ntf_acc"]) == 3  # epochs 0, 1, 2
-    assert [r.epoch for r in rec.reports] == [0, 1, 2]
+    assert [r.index for r in rec.reports] == [0, 1, 2] and {r.kind for r in rec.reports} == {"epoch"}
     assert on_disk["train_loss"][0] is None and on_disk["train_loss"][1] > 0
     assert on_disk["config"]["train"]["epochs"] == 2
     assert m["n_to_learn"] == 8 and m["n_ntf"] == 8
@@ -63,7 +64,7 @@ def test_resume_after_crash_matches_uninterrupted(tiny_cfg, tmp_path):
     assert state["epoch"] == 1
     rec = Recorder()
     resumed = continual_update(tiny_cfg(*overrides), out_dir=tmp_path / "resumed", callbacks=[rec])
-    assert [r.epoch for r in rec.reports] == [2, 3]  # epochs 0 and 1 were not redone
+    assert [r.index for r in rec.reports] == [2, 3]  # epochs 0 and 1 were not redone
     assert _curves(resumed) == _curves(full)
     pf = load_file(str(tmp_path / "full" / "checkpoint" / "trainable.safetensors"))
     pr = load_file(str(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors"))

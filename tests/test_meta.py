@@ -9,8 +9,10 @@ import torch
 from trainables.config import ModelConfig, ParamsConfig, load_config
 from trainables.data import load_lama
 from trainables.errors import InputError
-from trainables.meta import (Inner, MetaConfig, MetaOptions, epoch_order, make_example, meta_gradient, meta_steps,
-                             meta_train, weight_focus)
+from trainables.loop import Callback
+from trainables.bilevel import Inner, make_example, meta_gradient
+from trainables.meta import MetaConfig, MetaOptions, MetaOrder, meta_steps, meta_train
+from trainables.phi_checks import weight_focus
 from trainables.theta import build_theta
 from trainables.train_attention import PhiConfig, build_phi, load_phi, phi_trainable
 
@@ -61,18 +63,22 @@ def test_meta_gradient_matches_finite_differences(f64_setup, optimizer, lr, dumm
     _, grads = meta_gradient(inner, phi, examples)
 
     # The objective as a function of φ, with the dummy phase held at the unperturbed φ (first-order by spec)
+    def loss_of(ex):
+        return lambda p, w: inner.doc_loss_one(p, ex.doc["input_ids"][0], ex.doc["attention_mask"][0], w)
+
     starts = []
     with torch.no_grad():
-        ws = [phi.weights(ex.doc["input_ids"], ex.doc["attention_mask"]) for ex in examples]
+        ws = [phi.weights(ex.doc["input_ids"], ex.doc["attention_mask"])[0] for ex in examples]
     for ex, w in zip(examples, ws):
-        starts.append(inner.dummy_phase(ex.doc, w))
+        starts.append(inner.adapt(*inner.initial(), loss_of(ex), w, dummy_loop, 0))
 
     def F():
         total = 0.0
         for ex, (p0, st) in zip(examples, starts):
-            w = phi.weights(ex.doc["input_ids"], ex.doc["attention_mask"])
+            w = phi.weights(ex.doc["input_ids"], ex.doc["attention_mask"])[0]
             p = {k: v.detach().clone().requires_grad_(True) for k, v in p0.items()}
-            total += inner.objective(inner.differentiable_phase(p, st, ex.doc, w), ex).item()
+            p, _ = inner.adapt(p, st, loss_of(ex), w, 0, 1)
+            total += inner.objective_one(p, ex.probe_ids[0], ex.probe_mask[0], ex.object_targets[0], None).item()
         return total / len(examples)
 
     gen = torch.Generator().manual_seed(42)
@@ -127,7 +133,7 @@ def test_batched_meta_gradient_equals_one_example_at_a_time(tokenizer, f64_model
 def test_unbatchable_meta_batch_falls_back_with_a_reason(f64_setup, caplog):
     theta, theta0, phi, examples = f64_setup
     inner = Inner(theta, theta0, MetaOptions(restrict_unrelated=0.5))
-    with caplog.at_level("WARNING", logger="trainables.meta"):
+    with caplog.at_level("WARNING", logger="trainables.bilevel"):
         obj, _ = meta_gradient(inner, phi, examples, unrelated=examples[::-1])
     assert "one example at a time: meta.restrict_unrelated" in caplog.text and obj == obj
 
@@ -228,13 +234,16 @@ def test_weight_focus_reports_the_object_share_beside_uniform(tokenizer):
 def test_meta_training_goes_by_epochs_over_the_pool():
     assert meta_steps(MetaOptions(steps=7), 100) == 7
     assert meta_steps(MetaOptions(steps=7, epochs=2, batch_size=16), 100) == 14  # 2 × ceil(100 / 16)
-    import random
 
-    batches = epoch_order(10, 4, random.Random(0))
-    first_pass = [next(batches) for _ in range(3)]
+    order = MetaOrder(10, 4, seed=0)
+    first_pass = [order.next_batch() for _ in range(3)]
     assert [len(b) for b in first_pass] == [4, 4, 2] and sorted(sum(first_pass, [])) == list(range(10))
-    second_pass = sum([next(batches) for _ in range(3)], [])
+    state = order.state_dict()  # the position in the data order, as a checkpoint keeps it
+    second_pass = sum([order.next_batch() for _ in range(3)], [])
     assert sorted(second_pass) == list(range(10)) and second_pass != sum(first_pass, [])
+    again = MetaOrder(10, 4, seed=0)
+    again.load_state_dict(state)
+    assert sum([again.next_batch() for _ in range(3)], []) == second_pass
 
 
 def test_taalm_continual_run_uses_phi(meta_run, tiny_cfg):
@@ -314,3 +323,102 @@ def test_execution_options_are_not_part_of_phi_identity():
         assert shipped_phi(other, lama_hash) is not None
     changed = dict(meta_cfg, meta=dict(meta_cfg["meta"], lr=1e-2))
     assert phi_location(changed, 0, lama_hash) != here and shipped_phi(changed, lama_hash) is None
+
+
+def _meta_cfg(*extra):
+    # φ with LoRA dropout: its masks draw from torch's RNG, which a resumed run must restore too
+    return load_config(ROOT / "examples" / "meta_tiny.yaml",
+                       ["meta.steps=6", "meta.val_every=3", "meta.pool_size=12", "meta.batch_size=4", "device=cpu",
+                        "phi.params.kind=lora", "phi.params.r=4", "phi.params.dropout=0.2", *extra], schema=MetaConfig)
+
+
+class Seen(Callback):
+    """Records what a loop said; raises after the report of ``crash_after``."""
+
+    def __init__(self, crash_after=None):
+        self.info, self.reports, self.crash_after = None, [], crash_after
+
+    def on_start(self, info):
+        self.info = info
+
+    def on_report(self, r):
+        self.reports.append(r.index)
+        if r.index == self.crash_after:
+            raise KeyboardInterrupt(f"simulated crash after the check at step {r.index}")
+
+
+def _phi_tensors(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "phi" / "phi.safetensors"))
+
+
+def _crash_and_resume(out, *extra) -> dict:
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(_meta_cfg(*extra), out_dir=out, callbacks=[Seen(crash_after=3)])
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3 and not (out / "meta_metrics.json").exists()
+    seen = Seen()
+    m = meta_train(_meta_cfg(*extra), out_dir=out, callbacks=[seen])
+    assert seen.info["resumed_from"] == 3 and [c["step"] for c in seen.info["restored"]] == [0, 3]
+    assert seen.reports == [6]  # the checks at 0 and 3 are not redone
+    return m
+
+
+VARIANTS = {"vmapped": (), "unrelated-probes": ("meta.restrict_unrelated=0.5",)}
+
+
+@pytest.fixture(scope="module")
+def straight_through(tmp_path_factory):
+    """Meta-training runs straight through, once per variant (computed when first asked for)."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(f"full-{name}")
+            runs[name] = (meta_train(_meta_cfg(*VARIANTS[name]), out_dir=out), out)
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_interrupted_meta_training_resumes_to_the_same_phi(tmp_path, monkeypatch, tokenizer, straight_through,
+                                                           variant):
+    """A meta-training crashed after its check at step 3 and resumed equals one run straight through: the same
+    objective and validation history, the same best φ. The unrelated-probe variant draws its probes from the
+    data-order stream (one example at a time). Negative control (once): a resume that forgets the position in the
+    data order (the pass's permutation and RNG restored, the position not) gives another φ, so the equality is no
+    accident of the test."""
+    from trainables.meta import MetaOrder
+
+    extra = VARIANTS[variant]
+    full, full_dir = straight_through(variant)
+    resumed = _crash_and_resume(tmp_path / "resumed", *extra)
+    assert resumed["objective"] == full["objective"] and len(full["objective"]) == 6
+    assert resumed["validation"] == full["validation"] and resumed["best_step"] == full["best_step"]
+    assert resumed["objective_fixed_set"] == full["objective_fixed_set"]
+    a, b = _phi_tensors(full_dir), _phi_tensors(tmp_path / "resumed")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+    assert load_phi(tmp_path / "resumed" / "phi", tokenizer)[1]["step"] == full["best_step"]
+    if variant != "vmapped":
+        return
+    real = MetaOrder.load_state_dict
+
+    def forgets_position(self, d):
+        real(self, d)
+        self.pos = 0
+
+    monkeypatch.setattr(MetaOrder, "load_state_dict", forgets_position)
+    broken = _crash_and_resume(tmp_path / "broken", *extra)
+    assert broken["objective"][3:] != full["objective"][3:]
+
+
+def test_meta_training_resumed_with_more_steps_trains_on(tmp_path, straight_through):
+    """meta.steps may grow on resume (train φ longer from a finished run); what φ learns may not change."""
+    short = meta_train(_meta_cfg("meta.steps=3"), out_dir=tmp_path / "m")
+    longer = meta_train(_meta_cfg("meta.steps=6"), out_dir=tmp_path / "m")
+    full, _ = straight_through("vmapped")
+    assert len(short["objective"]) == 3 and longer["objective"] == full["objective"]
+    with pytest.raises(InputError, match="different configuration"):
+        meta_train(_meta_cfg("meta.steps=9", "meta.lr=0.5"), out_dir=tmp_path / "m")

@@ -114,12 +114,13 @@ def test_epochs_the_killed_driver_never_logged_are_filled_in(tmp_path):
     cb = MlflowTrials(study, info)
     acc = [0.0, 0.25, 0.5, 0.75]
     for epoch in (0, 1):  # logged before the kill
-        cb.on_trial_result(0, [], trial, {"epoch": epoch, "to_learn_acc": acc[epoch], "start_epoch": 0})
+        cb.on_trial_result(0, [], trial, {"kind": "epoch", "index": epoch, "to_learn_acc": acc[epoch],
+                                          "resumed_from": -1})
     # a new driver (taalm resume) and the resumed attempt's first result
     cb = MlflowTrials(Study(study.uri, "race", tmp_path), info)
-    history = {"to_learn_acc": acc[:3], "train_loss": [None, 2.0, 1.5]}
-    cb.on_trial_result(0, [], trial, {"epoch": 3, "to_learn_acc": acc[3], "train_loss": 1.0, "start_epoch": 3,
-                                      "restored_history": history})
+    restored = [{"index": e, "to_learn_acc": acc[e], "train_loss": loss} for e, loss in enumerate([None, 2.0, 1.5])]
+    cb.on_trial_result(0, [], trial, {"kind": "epoch", "index": 3, "to_learn_acc": acc[3], "train_loss": 1.0,
+                                      "resumed_from": 2, "restored": restored})
     rid = cb.run_ids["k1"]
     hist = study.client.get_metric_history(rid, "to_learn_acc")
     assert sorted((m.step, m.value) for m in hist) == list(enumerate(acc))

@@ -67,6 +67,64 @@ def test_protocol_end_to_end_and_theta_carries_over(tmp_path):
     assert again["periods"][1]["changed_ppl"] == pytest.approx(both["periods"][1]["changed_ppl"], rel=1e-9)
 
 
+def test_interrupted_temporalwiki_resumes_after_its_last_period(tmp_path):
+    """Crashed after period 0 was checkpointed and reported, then resumed: period 0 is not redone and every number
+    equals a run straight through (θ, its optimizer, the RNG and the results so far are in the checkpoint)."""
+    from trainables.loop import Callback
+
+    class Crash(Callback):
+        def on_report(self, r):
+            assert r.kind == "period"
+            if r.index == 0:
+                raise KeyboardInterrupt("simulated crash")
+
+    overrides = ("params.kind=lora", "params.r=4", "params.dropout=0.2", "replay.kind=mix_review",
+                 f"replay.pool={ROOT}/tests/fixtures/temporalwiki/0910.jsonl")
+    full = temporalwiki_run(_cfg(*overrides), out_dir=tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        temporalwiki_run(_cfg(*overrides), out_dir=tmp_path / "resumed", callbacks=[Crash()])
+
+    class Seen(Callback):
+        info, reports = None, []
+
+        def on_start(self, info):
+            Seen.info = info
+
+        def on_report(self, r):
+            Seen.reports.append((r.index, r.label))
+
+    resumed = temporalwiki_run(_cfg(*overrides), out_dir=tmp_path / "resumed", callbacks=[Seen()])
+    assert Seen.info["resumed_from"] == 0 and Seen.reports == [(1, "1011")]
+    assert resumed["periods"] == full["periods"]
+
+
+def test_every_epoch_of_a_period_replays_its_own_documents():
+    """With epochs_per_period > 1 the replayed documents are drawn per (period, epoch) (seeds.period_round): each
+    epoch of a period replays its own documents at a given step, not the same ones every epoch; with one epoch
+    per period the rounds are the periods, as before."""
+    from trainables import seeds
+    from trainables.temporalwiki import prepare_temporalwiki
+
+    cfg = _cfg("temporalwiki.epochs_per_period=2", "replay.kind=mix_review",
+               f"replay.pool={ROOT}/tests/fixtures/temporalwiki/records.jsonl", "replay.ratio=0.5")
+    setup = prepare_temporalwiki(cfg)
+    drawn, sample = {}, setup.run.replay.sample
+
+    def spy(n, replay_round, step):
+        docs = sample(n, replay_round, step)
+        drawn[(replay_round, step)] = [d.input_ids for d in docs]
+        return docs
+
+    setup.run.replay.sample = spy
+    temporalwiki_run(cfg, setup=setup)
+    rounds = sorted({r for r, _ in drawn})
+    assert rounds == sorted(seeds.period_round(p, e) for p in range(2) for e in range(2))
+    assert [seeds.period_round(p, 0) for p in range(3)] == [0, 1, 2]
+    for period in range(2):
+        first, second = (drawn[(seeds.period_round(period, e), 0)] for e in range(2))
+        assert first != second, period
+
+
 def test_bad_diff_and_probe_files(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')

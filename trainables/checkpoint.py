@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from .errors import InputError, read_text
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+EXTRA = "extra.safetensors"
 
 
 def json_safe(x: Any) -> Any:
@@ -84,7 +85,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().contiguous().clone()
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu().clone()
             else:
                 scalars[f"{idx}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -101,13 +102,33 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """torch's CPU generator, and every CUDA device's when CUDA is in use (dropout on a GPU draws from those)."""
+    out = {"torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda_{i}"] = st
+    return out
+
+
+def _set_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.random.set_rng_state(rng["torch"])
+    cuda = sorted((int(k[5:]), v) for k, v in rng.items() if k.startswith("cuda_"))
+    if cuda and torch.cuda.is_available() and len(cuda) <= torch.cuda.device_count():
+        for i, st in cuda:
+            torch.cuda.set_rng_state(st, i)
+
+
 def save_loop_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                         state: dict) -> None:
+                         state: dict, extra: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """``extra``: more tensors a loop keeps (meta-training: the best φ so far), in ``extra.safetensors``."""
     with atomic_directory(directory) as tmp:
-        save_file({k: v.detach().contiguous().clone() for k, v in trainable.items()}, str(tmp / FILES[0]))
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in trainable.items()}, str(tmp / FILES[0]))
+        if extra is not None:
+            save_file({k: v.detach().contiguous().cpu().clone() for k, v in extra.items()}, str(tmp / EXTRA))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(opt_tensors, str(tmp / FILES[1]))
-        save_file({"torch": torch.random.get_rng_state()}, str(tmp / FILES[2]))
+        save_file(_rng_tensors(), str(tmp / FILES[2]))
         py_state = random.getstate()
         full = dict(state, optimizer=opt_meta, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
         with open(tmp / FILES[3], "w") as fh:
@@ -140,7 +161,18 @@ def load_loop_checkpoint(directory: Path, trainable: dict[str, torch.nn.Paramete
                 raise InputError(str(directory / FILES[0]), f"shape mismatch for {k}")
             p.copy_(params[k])
     optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state.pop("optimizer")))
-    torch.random.set_rng_state(rng["torch"])
+    _set_rng(rng)
     py = state.pop("python_rng")
     random.setstate((py[0], tuple(py[1]), py[2]))
     return state
+
+
+def load_extra(directory: Path) -> dict[str, torch.Tensor]:
+    """The ``extra`` tensors of a loop checkpoint (see :func:`save_loop_checkpoint`)."""
+    path = Path(directory) / EXTRA
+    if not path.is_file():
+        raise InputError(str(path), "checkpoint file missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(str(path), f"corrupt checkpoint: {e}") from None

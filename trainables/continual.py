@@ -3,16 +3,16 @@
     metrics = continual_update(cfg, out_dir="runs/x")
 
 Epoch 0 is the evaluation before training; after every epoch, TO-LEARN and NOT-TO-FORGET probe
-accuracy (token accuracy and exact match) are measured, callbacks run (Ray Tune and MLflow hang off
-them) and the loop state is checkpointed (safetensors + JSON) so the run resumes where it stopped,
-with the metrics of an uninterrupted run. Deterministic for a seed on CPU.
+accuracy (token accuracy and exact match) are measured, the loop state is checkpointed (safetensors + JSON)
+and a :class:`~trainables.loop.Report` of kind "epoch" goes to the callbacks (Ray Tune and MLflow hang off
+them), so the run resumes where it stopped, with the metrics of an uninterrupted run (the shape every loop
+shares: trainables/loop.py). Deterministic for a seed on CPU.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,6 +25,7 @@ from .config import RunConfig, config_to_dict
 from .data import LamaCKL, Split, load_lama
 from .encode import EncodedDoc, collate, encode_documents, encode_probes
 from .errors import InputError
+from .loop import Callback, Report, check_resumable
 from .loss import token_nll, weighted_loss
 from .metrics import EncodedProbe, mean, probe_scores, summarize
 from .models import load_tokenizer
@@ -33,31 +34,6 @@ from .replay import Replay, build_replay
 from .tailor import build_split
 from .theta import Theta, build_theta, resolve_device
 from .weighting import Composite, SchemeEnv, WeightContext, build_weighting
-
-
-@dataclass
-class EpochReport:
-    epoch: int
-    to_learn_acc: float
-    ntf_acc: float
-    to_learn_em: float
-    ntf_em: float
-    train_loss: Optional[float]
-    mean_weight: Optional[float]
-    wall_seconds: float
-    checkpoint_dir: Optional[str] = None
-    summary: dict = field(default_factory=dict)  # top_acc, top_epoch, nf_acc, total_knowledge so far
-    per_fact: dict = field(default_factory=dict)  # "to_learn" / "ntf": this epoch's accuracy of every fact
-
-
-class Callback:
-    """Hooks of the loop; subclass and override what you need."""
-
-    def on_run_start(self, info: dict) -> None: ...
-
-    def on_step(self, epoch: int, step: int, n_steps: int, loss: float) -> None: ...
-
-    def on_epoch_end(self, report: EpochReport) -> None: ...
 
 
 @dataclass
@@ -182,18 +158,22 @@ def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
     return out
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seeds.batch_order(seed, epoch))
+def epoch_batches(n: int, batch_size: int, order_seed: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation of ``n`` documents seeded by ``order_seed`` (from trainables/seeds.py),
+    cut into batches."""
+    g = torch.Generator().manual_seed(order_seed)
     perm = torch.randperm(n, generator=g).tolist()
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generator,
-               dp: Optional[DataParallel] = None, epoch: int = 0, step: int = 0) -> tuple[float, float, int]:
+               dp: Optional[DataParallel] = None, *, replay_round: int, step: int) -> tuple[float, float, int]:
     """One weighted update on a global batch (this worker's shard of it under data parallelism), with
-    the replay method's documents mixed in and every component's extra loss added.
+    the replay method's documents mixed in and every component's extra loss added. ``replay_round`` and
+    ``step`` key the replayed documents' draw: the epoch in a continual run, ``seeds.period_round(period,
+    epoch)`` in TemporalWiki (so every epoch of a period replays its own documents).
     Returns (loss, mean weight over real positions of the new documents, number of real tokens), all global."""
-    replayed = setup.replay.sample(len(batch_docs), epoch, step)
+    replayed = setup.replay.sample(len(batch_docs), replay_round, step)
     n_global = len(batch_docs) + len(replayed)
     mine_new = dp.shard(batch_docs) if dp else batch_docs
     mine_rep = dp.shard(replayed) if dp else replayed
@@ -241,15 +221,16 @@ def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generat
     return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[3].item())
 
 
-_RESUME_IGNORED = ("train.epochs", "checkpoint.every")
+RESUME_IGNORED = ("train.epochs", "checkpoint.every")  # a resumed run may train longer, checkpoint differently
+CURVE_KEYS = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight")
 
 
-def _comparable(cfg_dict: dict) -> dict:
-    d = copy.deepcopy(cfg_dict)
-    for dotted in _RESUME_IGNORED:
-        a, b = dotted.split(".")
-        d.get(a, {}).pop(b, None)
-    return d
+def _restored_epoch(history: dict, epoch: int) -> dict:
+    """Epoch ``epoch`` of a checkpoint's history as its report's numbers (with every fact's accuracy)."""
+    out = {"index": epoch, **{k: history[k][epoch] for k in CURVE_KEYS if epoch < len(history[k])}}
+    if epoch < len(history["to_learn_per_fact"]):
+        out["per_fact"] = {"to_learn": history["to_learn_per_fact"][epoch], "ntf": history["ntf_per_fact"][epoch]}
+    return out
 
 
 def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
@@ -273,9 +254,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     start_epoch, wall_before, train_tokens, train_seconds = 0, 0.0, 0, 0.0
     if resume and ckpt_dir is not None and ckpt_dir.exists():
         state = load_loop_checkpoint(ckpt_dir, setup.trainable, optimizer)
-        if _comparable(state.get("config", {})) != _comparable(cfg_dict):
-            raise InputError(str(ckpt_dir), "checkpoint was written by a different configuration "
-                                            "(only train.epochs and checkpoint.every may change on resume)")
+        check_resumable(state.get("config", {}), cfg_dict, RESUME_IGNORED, str(ckpt_dir))
         history = {**{k: [] for k in history}, **state["history"]}
         start_epoch = state["epoch"] + 1
         wall_before = state["wall_seconds"]
@@ -285,12 +264,15 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
             **{k: v for c in setup.components() if c is not None for k, v in c.describe().items()},
             "n_trainable_params": sum(p.numel() for p in setup.trainable.values()),
             "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch,
+            "resumed_from": start_epoch - 1 if start_epoch else None,
             # the facts behind *_per_fact, in order
             "to_learn_uuids": [f.uuid for f in setup.split.to_learn], "ntf_uuids": [f.uuid for f in setup.split.ntf],
-            # the curves up to the checkpoint this run resumed from (None for a fresh run)
-            "restored_history": {k: list(v) for k, v in history.items()} if start_epoch else None}
+            # the curves up to the checkpoint this run resumed from (None for a fresh run) ...
+            "restored_history": {k: list(v) for k, v in history.items()} if start_epoch else None,
+            # ... as one entry per epoch (the reports an interrupted attempt made)
+            "restored": [_restored_epoch(history, e) for e in range(start_epoch)]}
     for cb in callbacks:
-        cb.on_run_start(info)
+        cb.on_start(info)
 
     def finish_epoch(epoch: int, loss: Optional[float], weight: Optional[float]) -> None:
         ev = evaluate(setup, dp)
@@ -306,21 +288,24 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
                 "epoch": epoch, "history": history, "wall_seconds": wall, "config": cfg_dict,
                 "train_tokens": train_tokens, "train_seconds": train_seconds})
             written = str(ckpt_dir)
-        report = EpochReport(epoch, ev["to_learn_acc"], ev["ntf_acc"], ev["to_learn_em"], ev["ntf_em"], loss,
-                             weight, wall, written, summarize(history["to_learn_acc"], history["ntf_acc"]),
-                             {"to_learn": ev["to_learn_per_fact"], "ntf": ev["ntf_per_fact"]})
+        report = Report("epoch", epoch, cfg.train.epochs, {
+            "to_learn_acc": ev["to_learn_acc"], "ntf_acc": ev["ntf_acc"], "to_learn_em": ev["to_learn_em"],
+            "ntf_em": ev["ntf_em"], "train_loss": loss, "mean_weight": weight},
+            summarize(history["to_learn_acc"], history["ntf_acc"]), wall, written,
+            {"to_learn": ev["to_learn_per_fact"], "ntf": ev["ntf_per_fact"]})
         for cb in callbacks:
-            cb.on_epoch_end(report)
+            cb.on_report(report)
 
     if start_epoch == 0:
         finish_epoch(0, None, None)
         start_epoch = 1
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        batches = epoch_batches(len(setup.docs), cfg.train.batch_size, cfg.seed, epoch)
+        batches = epoch_batches(len(setup.docs), cfg.train.batch_size, seeds.batch_order(cfg.seed, epoch))
         losses, weights, t0 = [], [], time.perf_counter()
         for step, idx in enumerate(batches):
             gen = torch.Generator().manual_seed(seeds.step(cfg.seed, epoch, step))
-            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen, dp, epoch, step)
+            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen, dp,
+                                        replay_round=epoch, step=step)
             if not np.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
             losses.append(loss)
@@ -337,7 +322,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         "wall_seconds": wall_before + time.perf_counter() - t_start,
         "train_tokens": train_tokens,
         "train_tokens_per_second": train_tokens / train_seconds if train_seconds else None,
-        **{k: v for k, v in info.items() if k != "start_epoch"},
+        **{k: v for k, v in info.items() if k not in ("start_epoch", "resumed_from", "restored")},
         "config": cfg_dict,
     })
     if out is not None and writer:
@@ -345,4 +330,4 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     return metrics
 
 
-__all__ = ["continual_update", "prepare_run", "Callback", "EpochReport", "RunSetup", "asdict"]
+__all__ = ["continual_update", "prepare_run", "Callback", "Report", "RunSetup"]

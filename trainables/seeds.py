@@ -21,8 +21,19 @@ def seed_everything(seed: int) -> None:
 
 
 def batch_order(seed: int, epoch: int) -> int:
-    """The permutation of the training documents in one epoch (``epoch`` may encode a period too)."""
+    """The permutation of the training documents in one epoch."""
     return seed * 7919 + epoch
+
+
+def period_batch_order(seed: int, period: int, epoch: int) -> int:
+    """The permutation of a TemporalWiki period's documents in one of its epochs."""
+    return seed * 7919 + period * 1000 + epoch
+
+
+def period_round(period: int, epoch: int) -> int:
+    """The replay round of a TemporalWiki period's epoch (``replay_sample``'s ``epoch``): every epoch of every
+    period draws its own replayed documents (the first epoch of period i keeps round i)."""
+    return period + 1000 * epoch
 
 
 def step(seed: int, epoch: int, step: int) -> int:
@@ -71,5 +82,6 @@ def phi_init(seed: int) -> int:
 
 
 def meta_pool(seed: int) -> int:
-    """The held-out/training cut of the Train-Attention pool, its subsample, and the meta-batch order."""
+    """The held-out/training cut of the Train-Attention pool, its subsample, and the meta-batch order (with the
+    unrelated probes of ``meta.restrict_unrelated``, one stream)."""
     return seed

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -30,6 +31,9 @@ from .encode import EncodedDoc, encode_document
 from .errors import InputError
 from .loss import token_nll
 from .metrics import EncodedProbe, encode_probe, mean
+
+if TYPE_CHECKING:
+    from .continual import RunSetup
 
 PROBE_DIR = REPO_ROOT / "data" / "temporalwiki_probes"
 # the shipped probe files, by period name
@@ -146,14 +150,22 @@ def object_perplexity(model, probes: Sequence[EncodedProbe], pad_id: int, batch_
     return math.exp(total / count)
 
 
-def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = None, on_period=None) -> dict:
-    """Train through the periods in order (θ carries over); evaluate after each. Writes OUT/metrics.json."""
-    from .continual import DataParallel, RunSetup, build_components, epoch_batches, finish_setup, train_step
+@dataclass
+class TemporalWikiSetup:
+    """Everything a TemporalWiki run needs, built once (:func:`prepare_temporalwiki`): θ with its components
+    (``run``; its ``docs`` are the current period's) and every period's documents and probes, read and
+    validated before training."""
+
+    run: "RunSetup"
+    periods: list[dict]  # name, docs, changed, unchanged
+
+
+def prepare_temporalwiki(cfg: TemporalWikiConfig) -> TemporalWikiSetup:
+    from .continual import RunSetup, build_components, finish_setup
     from .models import load_tokenizer
     from .theta import build_theta, resolve_device
     from .weighting import SchemeEnv
 
-    t0 = time.perf_counter()
     tw = cfg.temporalwiki
     device = resolve_device(cfg.device)
     seeds.seed_everything(cfg.seed)
@@ -177,35 +189,79 @@ def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = No
         raise InputError("replay.kind", "GeRe and SEEKR are not wired for TemporalWiki yet; use mix_review")
     theta = build_theta(cfg.model, cfg.params, device, cfg.seed, tokenizer=tokenizer)
     theta.model.train()
-    setup = finish_setup(RunSetup(cfg=cfg, theta=theta, docs=[], weighting=weighting, regularizer=regularizer,
-                                  replay=replay), env)
-    optimizer = regularizer.optimizer(list(theta.trainable.values()))
-    model = theta.model
+    run = finish_setup(RunSetup(cfg=cfg, theta=theta, docs=[], weighting=weighting, regularizer=regularizer,
+                                replay=replay), env)
+    return TemporalWikiSetup(run, periods)
+
+
+RESUME_IGNORED = ("checkpoint.every",)
+
+
+def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = None, callbacks: Sequence = (),
+                     resume: bool = True, setup: Optional[TemporalWikiSetup] = None) -> dict:
+    """Train through the periods in order (θ carries over); evaluate after each, checkpoint (OUT/checkpoint)
+    and report (kind "period"). Resumes after the last checkpointed period. Writes OUT/metrics.json."""
+    from .checkpoint import load_loop_checkpoint, save_loop_checkpoint
+    from .continual import DataParallel, epoch_batches, train_step
+    from .loop import Report, check_resumable
+
+    t_start = time.perf_counter()
+    tw = cfg.temporalwiki
     dp = DataParallel.from_torch()
-    results = []
-    for i, period in enumerate(periods):
-        setup.docs = period["docs"]
+    writer = dp is None or dp.rank == 0
+    ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    setup = setup or prepare_temporalwiki(cfg)
+    run, model, pad = setup.run, setup.run.model, setup.run.pad_id
+    optimizer = run.regularizer.optimizer(list(run.trainable.values()))
+    cfg_dict = config_to_dict(cfg)
+    results: list[dict] = []
+    wall_before = 0.0
+    if resume and ckpt_dir is not None and ckpt_dir.exists():
+        state = load_loop_checkpoint(ckpt_dir, run.trainable, optimizer)
+        check_resumable(state.get("config", {}), cfg_dict, RESUME_IGNORED, str(ckpt_dir))
+        results, wall_before = state["results"], state["wall_seconds"]
+    start = len(results)
+    info = {"periods": [p["name"] for p in setup.periods], "resumed_from": start - 1 if start else None,
+            "restored": [dict(r) for r in results]}
+    for cb in callbacks:
+        cb.on_start(info)
+    for i in range(start, len(setup.periods)):
+        period = setup.periods[i]
+        run.docs = period["docs"]
         losses = []
         for e in range(tw.epochs_per_period):
-            for step, idx in enumerate(epoch_batches(len(period["docs"]), cfg.train.batch_size, cfg.seed,
-                                                     i * 1000 + e)):
+            batches = epoch_batches(len(period["docs"]), cfg.train.batch_size, seeds.period_batch_order(cfg.seed, i, e))
+            for step, idx in enumerate(batches):
                 gen = torch.Generator().manual_seed(seeds.period_step(cfg.seed, i, e, step))
-                loss, _, _ = train_step(setup, optimizer, [period["docs"][j] for j in idx], gen, dp, i, step)
+                loss, _, _ = train_step(run, optimizer, [period["docs"][j] for j in idx], gen, dp,
+                                        replay_round=seeds.period_round(i, e), step=step)
                 losses.append(loss)
+                for cb in callbacks:
+                    cb.on_step(i, step, len(batches), loss)
         res = {"period": period["name"], "index": i, "train_loss": mean(losses),
-               "changed_ppl": object_perplexity(model, period["changed"], tokenizer.pad_token_id,
-                                                tw.eval_batch_size, device),
-               "unchanged_ppl": object_perplexity(model, period["unchanged"], tokenizer.pad_token_id,
-                                                  tw.eval_batch_size, device),
+               "changed_ppl": object_perplexity(model, period["changed"], pad, tw.eval_batch_size, run.device),
+               "unchanged_ppl": object_perplexity(model, period["unchanged"], pad, tw.eval_batch_size, run.device),
                "n_docs": len(period["docs"]), "n_changed": len(period["changed"]),
                "n_unchanged": len(period["unchanged"])}
         results.append(res)
-        if on_period:
-            on_period(res)
-    metrics = {"periods": results,
-               "avg_changed_ppl": mean([r["changed_ppl"] for r in results]),
-               "avg_unchanged_ppl": mean([r["unchanged_ppl"] for r in results]),
-               "wall_seconds": time.perf_counter() - t0, "config": config_to_dict(cfg)}
-    if out_dir is not None and (dp is None or dp.rank == 0):
+        wall = wall_before + time.perf_counter() - t_start
+        written = None
+        if writer and ckpt_dir is not None and cfg.checkpoint.every:
+            save_loop_checkpoint(ckpt_dir, run.trainable, optimizer, {
+                "period": i, "results": results, "wall_seconds": wall, "config": cfg_dict})
+            written = str(ckpt_dir)
+        report = Report("period", i, len(setup.periods) - 1,
+                        {k: res[k] for k in ("changed_ppl", "unchanged_ppl", "train_loss", "n_docs", "n_changed",
+                                             "n_unchanged")}, _averages(results), wall, written, label=res["period"])
+        for cb in callbacks:
+            cb.on_report(report)
+    metrics = {"periods": results, **_averages(results),
+               "wall_seconds": wall_before + time.perf_counter() - t_start, "config": cfg_dict}
+    if out_dir is not None and writer:
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
     return metrics
+
+
+def _averages(results: list[dict]) -> dict:
+    return {"avg_changed_ppl": mean([r["changed_ppl"] for r in results]),
+            "avg_unchanged_ppl": mean([r["unchanged_ppl"] for r in results])}

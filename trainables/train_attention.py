@@ -115,11 +115,12 @@ def phi_trainable(phi: TrainAttention) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in phi.named_parameters() if p.requires_grad}
 
 
-def save_phi(directory: Path, phi: TrainAttention, phi_cfg: PhiConfig, theta_model: ModelConfig, tokenizer,
-             extra: dict) -> None:
+def save_phi(directory: Path, phi: Optional[TrainAttention], phi_cfg: PhiConfig, theta_model: ModelConfig, tokenizer,
+             extra: dict, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write a φ checkpoint: ``phi``'s trainable tensors, or ``tensors`` (the same names) when given."""
+    tensors = tensors if tensors is not None else phi_trainable(phi)
     with atomic_directory(directory) as tmp:
-        save_file({k: v.detach().contiguous().cpu().clone() for k, v in phi_trainable(phi).items()},
-                  str(tmp / "phi.safetensors"))
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp / "phi.safetensors"))
         write_json_atomic(tmp / "phi.json", {
             "format": FORMAT, "alignment": ALIGNMENT, "phi": phi_cfg.model_dump(mode="json"),
             "theta_model": theta_model.model_dump(mode="json"), "tokenizer_hash": tokenizer_hash(tokenizer),
