@@ -200,7 +200,7 @@ def not_learned_note(entry: dict) -> str:
     if not k:
         return ""
     lo, hi = entry["horizon_min"], entry["horizon_max"]
-    within = f"{lo} epochs" if lo == hi else f"{lo}–{hi} epochs"
+    within = (f"{lo} epoch" + ("s" if lo != 1 else "")) if lo == hi else f"{lo}–{hi} epochs"
     judged = entry["judged_seeds"]
     return f"did not learn within {within}" + (f" ({k}/{judged} seeds)" if judged > 1 else "")
 
@@ -260,7 +260,7 @@ def markdown(tab: list[dict], protocol: str = "lama_ckl") -> str:
     if not tw and any(not_learned_note(e) for e in tab):
         lines += ["", "*did not learn within N epochs*: the trial's TO-LEARN accuracy never exceeded its epoch-0 value "
                       "by more than one fact (1 / TO-LEARN facts) in epochs 1..N: its Top Acc, Epoch and NF Acc "
-                      "are those of a curve that did not rise (a flat one: NF Acc is the retention after epoch 1)."]
+                      "are those of a curve that did not rise (a flat one: NF Acc is the retention after epoch 1).", ""]
     return "\n".join(lines)
 
 

@@ -161,6 +161,7 @@ def test_the_table_marks_rows_that_did_not_learn_and_keeps_the_numbers():
     assert "1 / TO-LEARN facts" in md  # the rule is stated under the table
     one_seed = markdown(table([_trial("K-Adapter", 0, [0, 0, 0, 0, 0, 0])]))
     assert "**did not learn within 5 epochs**" in one_seed and "seeds)" not in one_seed
+    assert "**did not learn within 1 epoch**" in markdown(table([_trial("K-Adapter", 0, [0, 0])]))
     assert "did not learn" not in markdown(table(rows[:3]))  # nothing to say: no rule printed either
     assert "did not learn" not in markdown(table(rows), protocol="temporalwiki")
 
