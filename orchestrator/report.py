@@ -47,6 +47,8 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
             curves[name] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, name)}
         row["curves"] = curves
         row["per_fact"] = _per_fact(client, r.info.run_id) if r.info.status == "FINISHED" else None
+        size = r.data.params.get("data.to_learn_size")  # the run's config, flattened
+        row["n_to_learn"] = int(size) if size and size.isdigit() else None
         rows.append(row)
     return sorted(rows, key=lambda r: (r["order"], r["start"]))  # grid order, then start time
 
@@ -170,6 +172,39 @@ def paired_markdown(diffs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LEARN_TOLERANCE = 1e-9  # float noise of a mean over facts: a gain of exactly one fact is one fact
+
+
+def learning(row: dict) -> dict | None:
+    """Whether a finished LAMA-CKL trial learned anything within its horizon: ``gain`` = max over its trained
+    epochs 1..N of TO-LEARN accuracy − the epoch-0 accuracy, ``learned`` = gain > 1 / n_facts (more than one
+    fact's worth; n_facts from per_fact.json, else the run's data.to_learn_size), ``epochs`` = N. None when it
+    cannot be told (no epoch 0 or no trained epoch in the curve, the number of facts unknown, not finished)."""
+    if row.get("status") != "FINISHED":
+        return None
+    tl = dict(row.get("curves", {}).get("to_learn_acc") or {})
+    pf = row.get("per_fact")
+    if not tl and pf and pf.get("to_learn"):
+        tl = {e: sum(acc) / len(acc) for e, acc in zip(pf["epochs"], pf["to_learn"]) if acc}
+    n = len(pf["to_learn_uuids"]) if pf and pf.get("to_learn_uuids") else row.get("n_to_learn")
+    trained = [e for e in tl if e >= 1]
+    if 0 not in tl or not trained or not n:
+        return None
+    gain = max(tl[e] for e in trained) - tl[0]
+    return {"gain": gain, "n_facts": n, "epochs": max(trained), "learned": gain > 1.0 / n + LEARN_TOLERANCE}
+
+
+def not_learned_note(entry: dict) -> str:
+    """'did not learn within N epochs (k/m seeds)' for a table row where some seed did not learn, else ''."""
+    k = entry.get("did_not_learn_seeds") or 0
+    if not k:
+        return ""
+    lo, hi = entry["horizon_min"], entry["horizon_max"]
+    within = (f"{lo} epoch" + ("s" if lo != 1 else "")) if lo == hi else f"{lo}–{hi} epochs"
+    judged = entry["judged_seeds"]
+    return f"did not learn within {within}" + (f" ({k}/{judged} seeds)" if judged > 1 else "")
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     xs = [x for x in xs if x is not None and x == x]
     if not xs:
@@ -193,6 +228,12 @@ def table(rows: list[dict]) -> list[dict]:
         entry = {"method": label, "seeds": len(done), "failed": len(groups[label]) - len(done)}
         for k in COLUMNS:
             entry[k], entry[k + "_std"] = _mean_std([r[k] for r in done])
+        # LAMA-CKL: how many seeds did not learn (learning()); numbers, so the CSV and Parquet stay numeric
+        verdicts = [v for v in (learning(r) for r in done) if v is not None]
+        entry["judged_seeds"] = len(verdicts)
+        entry["did_not_learn_seeds"] = sum(not v["learned"] for v in verdicts)
+        entry["horizon_min"] = min((v["epochs"] for v in verdicts), default=None)
+        entry["horizon_max"] = max((v["epochs"] for v in verdicts), default=None)
         out.append(entry)
     return out
 
@@ -211,8 +252,15 @@ def markdown(tab: list[dict], protocol: str = "lama_ckl") -> str:
     lines = ["| method | " + " | ".join(headers) + " | seeds | failed |",
              "|---|" + "---|" * (len(headers) + 2)]
     for e in tab:
-        lines.append(f"| {e['method']} | " + " | ".join(cell(e, k) for k in cols)
-                     + f" | {e['seeds']} | {e['failed']} |")
+        cells = [cell(e, k) for k in cols]
+        note = "" if tw else not_learned_note(e)
+        if note:  # the Top Acc of a row that learned nothing is not a result: say so where the number is
+            cells[0] = f"{cells[0]} — **{note}**"
+        lines.append(f"| {e['method']} | " + " | ".join(cells) + f" | {e['seeds']} | {e['failed']} |")
+    if not tw and any(not_learned_note(e) for e in tab):
+        lines += ["", "*did not learn within N epochs*: the trial's TO-LEARN accuracy never exceeded its epoch-0 value "
+                      "by more than one fact (1 / TO-LEARN facts) in epochs 1..N: its Top Acc, Epoch and NF Acc "
+                      "are those of a curve that did not rise (a flat one: NF Acc is the retention after epoch 1).", ""]
     return "\n".join(lines)
 
 
@@ -289,6 +337,9 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: st
         raise InputError("--baseline", f"{baseline!r} is not a method of this study "
                                         f"(methods: {', '.join(e['method'] for e in tab)})")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for r in rows:  # each trial's verdict, into trials.parquet
+        v = learning(r) if protocol != "temporalwiki" else None
+        r["learned"], r["to_learn_gain"] = (v["learned"], v["gain"]) if v else (None, None)
     diffs = paired_differences(rows, baseline)
     md = (f"Over epochs 0..{epochs} of every trial.\n\n" if epochs is not None else "") + \
         markdown(tab, protocol) + paired_markdown(diffs) + failures(rows)

@@ -135,6 +135,23 @@ def lama_latin1_line(name: str, lineno: int):
     return prep
 
 
+def model_dir_with_another_tokenizer(tmp: Path) -> None:
+    """A directory holding a model config and a tokenizer that is θ's plus one token (for weighting.rho1.reference)."""
+    from transformers import AutoTokenizer
+
+    from trainables.models import smollm2_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    tok.add_tokens(["<not-in-theta>"])
+    tok.save_pretrained(tmp / "ref")
+    (tmp / "ref" / "config.json").write_text('{"model_type": "llama"}')
+
+
+def not_a_model_dir(tmp: Path) -> None:
+    (tmp / "ref").mkdir()
+    (tmp / "ref" / "notes.txt").write_text("not a model")
+
+
 LATIN1_CFG = RUN_TEXT.encode() + "# réglages\n".encode("latin-1")
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 
@@ -216,6 +233,11 @@ CASES = [
          grid("name: g\nbase: BASE\nreference: Finetune\n")),
     Case("report: the old option --reference", "unknown key", ["report", "{T}/study", "--reference", "Finetune"],
          ["--reference", "renamed to --baseline"], prep=study_dir(None)),
+    Case("run: rho1 selection unknown", "wrong type", RUN_TINY + ["--set", "weighting.rho1.selection=top_k"],
+         ["--set weighting.rho1.selection", "'excess_loss' or 'release'"]),
+    Case("run: rho1 reference model with another tokenizer", "wrong type",
+         RUN_TINY + ["--set", "weighting.scheme=rho1", "--set", "weighting.rho1.reference={T}/ref"],
+         ["weighting.rho1.reference", "must share θ's tokenizer"], prep=model_dir_with_another_tokenizer),
     Case("search: unknown distribution", "wrong type", TUNE, ["(space.train.lr.type)"],
          space(SPACE + "  train.lr: {type: gaussian, low: 1, high: 2}\n")),
     Case("meta-train: objective", "wrong type", META_TRAIN + ["--set", "meta.objective=change4"], ["meta.objective"]),
@@ -271,6 +293,13 @@ CASES = [
     Case("run: RecAdam pull overshoots", "out of range",
          RUN_TINY + ["--set", "regularizer.kind=recadam", "--set", "regularizer.recadam.pretrain_coef=5000"],
          ["--set regularizer.recadam.pretrain_coef", "pretrain_coef × train.lr must be < 2", "5000 × 0.003 = 15"]),
+    Case("run: rho1 release table shorter than a document", "out of range",
+         RUN_TINY + ["--set", "weighting.scheme=rho1", "--set", "weighting.rho1.selection=release",
+                     "--set", "weighting.rho1.table_length=16"],
+         ["--set weighting.rho1.table_length", "train.max_length = 64"]),
+    Case("run: release-style rho1 twice in a product", "out of range",
+         RUN_TINY + ["--set", "weighting.scheme=rho1*rho1", "--set", "weighting.rho1.selection=release"],
+         ["--set weighting.scheme", "may hold it once"]),
     Case("ablate: fault injection for an unknown label", "unknown name",
          ["ablate", str(SMOKE), "--out", "{T}/studies"], ["TAALM_INJECT_FAULT=1:Finetun", "Finetune, Oracle"],
          env={"TAALM_INJECT_FAULT": "1:Finetun"}),
@@ -333,6 +362,15 @@ CASES = [
          ["model.name"]),
     Case("tailor: model path missing", "missing file", ["data", "tailor", "--model", "{T}/no-model", "--out", "{T}/t"],
          ["model.name"]),
+    Case("run: rho1 reference model missing", "missing file",
+         RUN_TINY + ["--set", "weighting.scheme=rho1", "--set", "weighting.rho1.reference={T}/no-model"],
+         ["--set weighting.rho1.reference", "{T}/no-model", "is not a directory"]),
+    Case("run: rho1 reference is not a model", "missing file",
+         RUN_TINY + ["--set", "weighting.rho1.reference={T}/ref"],
+         ["--set weighting.rho1.reference", "no config.json"], prep=not_a_model_dir),
+    Case("grid: rho1 reference missing in an axis", "missing file", ABLATE,
+         ["g.yaml:4", "weighting.rho1.reference", "not a directory"],
+         grid("name: g\nbase: BASE\naxes:\n  weighting.rho1.reference: [initial, nowhere]\n")),
     Case("grid: base missing", "missing file", ABLATE, ["(base)", "not found"],
          grid("name: g\nbase: nowhere.yaml\n")),
     Case("grid: meta config missing", "missing file", ABLATE, ["(meta", "not found"],
@@ -421,7 +459,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 111
+N_CASES = 118
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 

@@ -197,6 +197,8 @@ def test_ewc_fisher_on_general_text_and_its_pull(tiny_cfg):
     ("replay.kind=seekr",),
     ("replay.kind=seekr", "params.kind=full"),
     ("replay.kind=gere", "params.kind=kadapter", "weighting.scheme=rho1"),
+    ("weighting.scheme=rho1", "weighting.rho1.selection=release", "weighting.rho1.table_length=64",
+     "replay.kind=mix_review"),
 ], ids=lambda o: "+".join(x.split("=")[1] for x in o))
 def test_each_method_runs_end_to_end_on_tiny(tiny_cfg, overrides):
     m = continual_update(tiny_cfg("train.epochs=1", "replay.size=12", *overrides))

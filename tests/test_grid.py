@@ -38,7 +38,7 @@ def test_trials_from_the_smoke_grid():
 def test_table9_grid_expands_with_a_meta_stage():
     spec, trials, meta = load_grid(ROOT / "ablations" / "table9_token_weighting.yaml")
     labels = [t.label for t in trials]
-    for name in ("Finetune", "TAALM", "Oracle", "RHO-1", "Known-mask", "Random", "TAALM + Known-mask"):
+    for name in ("Finetune", "TAALM", "Oracle", "RHO-1 (excess loss)", "Known-mask", "Random", "TAALM + Known-mask"):
         assert name in labels, name
     assert meta is not None and any(t.needs_phi for t in trials)
     # identical data, model and hyper-parameters apart from the weighting
@@ -51,9 +51,28 @@ def test_table9_grid_expands_with_a_meta_stage():
 def test_zip_rows_with_method_names():
     spec, trials, meta = load_grid(ROOT / "ablations" / "baselines_table1.yaml")
     rows = {t.label: t.config for t in trials}
-    assert list(rows) == ["Finetune", "K-Adapter", "Mix-review", "RecAdam", "RHO-1", "TAALM"]
+    assert list(rows) == ["Finetune", "K-Adapter", "Mix-review", "RecAdam", "RHO-1 (excess loss)", "RHO-1 (release)",
+                          "TAALM"]
     assert rows["K-Adapter"].params.kind == "kadapter" and rows["Mix-review"].replay.kind == "mix_review"
-    assert rows["RecAdam"].regularizer.kind == "recadam" and rows["RHO-1"].weighting.scheme == "rho1"
+    assert rows["RecAdam"].regularizer.kind == "recadam" and spec.baseline == "Finetune"
+    # the two RHO-1 rows differ in their selection only; the excess-loss row is the Table 9 grid's RHO-1 trial
+    a, b = rows["RHO-1 (excess loss)"].model_dump(), rows["RHO-1 (release)"].model_dump()
+    assert (a["weighting"]["scheme"], a["weighting"]["rho1"]["selection"]) == ("rho1", "excess_loss")
+    assert b["weighting"]["rho1"].pop("selection") == "release" and a["weighting"]["rho1"].pop("selection")
+    assert a == b
+    _, t9, _ = load_grid(ROOT / "ablations" / "table9_token_weighting.yaml", ["overrides.train.epochs=5"])
+    t9_rho1 = next(t.config for t in t9 if t.label == "RHO-1 (excess loss)").model_dump()
+    t1_rho1 = rows["RHO-1 (excess loss)"].model_dump()
+    for c in (t9_rho1, t1_rho1):  # options of the replay and regulariser this row does not use (kind: none)
+        assert c["replay"].pop("kind") == "none" and c["regularizer"].pop("kind") == "none"
+        c["replay"].pop("size"), c["regularizer"].pop("recadam")
+    assert t9_rho1 == t1_rho1
+    # full scale (the grid's header): every trial validates with all facts, 30 epochs, length 512
+    _, full, _ = load_grid(ROOT / "ablations" / "baselines_table1.yaml", [
+        "overrides.data.to_learn_size=null", "overrides.data.ntf_size=null", "overrides.data.max_doc_tokens=null",
+        "overrides.train.max_length=512", "overrides.train.epochs=30", "overrides.regularizer.recadam.t0=250",
+        "overrides.replay.size=null", "seeds=[0,1,2]"])
+    assert len(full) == 21 and all(t.config.train.epochs == 30 and t.config.data.to_learn_size is None for t in full)
     assert "label" not in trials[0].overrides and meta is not None
     spec, trials, _ = load_grid(ROOT / "ablations" / "combos_table6.yaml")
     assert all(t.needs_phi for t in trials) and len(trials) == 6

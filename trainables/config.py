@@ -94,8 +94,34 @@ class TrainConfig(_Strict):
 
 
 class Rho1Options(_Strict):
-    # fraction of tokens dropped: keep the top (1 - k) by excess loss (release: k = 0.6)
+    """RHO-1, two definitions (trainables/weighting.py: Rho1; README "Method definitions")."""
+
+    # fraction of tokens dropped: keep the top (1 - k) (release: k = 0.6, so 40 % kept)
     k: float = Field(0.6, gt=0.0, lt=1.0)
+    # excess_loss: the RHO-1 paper's selection, the top (1 - k) of each sequence by l_θ - l_ref, loss
+    # normalised by Σw. release: the authors' TAALM release (evaluation_run.py, rho_train): the change in
+    # probability p_θ - p_ref, `argsort(score) / L > k` (sort indices used as ranks), loss Σ nll·w / (k · tokens)
+    selection: Literal["excess_loss", "release"] = "excess_loss"
+    # the reference model: `initial` (the frozen initial θ) or a directory holding a causal LM with θ's
+    # tokenizer (local files only; a relative path is taken from the working directory)
+    reference: str = "initial"
+    # release with reference `initial`: the width the reference table's documents are padded to (the
+    # release: token_max_length = 512); it must hold train.max_length
+    table_length: int = Field(512, ge=2)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_model_dir(cls, v: str) -> str:
+        if v == "initial":
+            return v
+        p = Path(v).expanduser()
+        if not p.is_dir():
+            raise ValueError(f"must be `initial` or a directory holding a causal LM (config.json, weights, "
+                             f"tokenizer): {str(p)!r} is not a directory")
+        if not (p / "config.json").is_file():
+            raise ValueError(f"{str(p)!r} holds no config.json: not a saved causal LM (save one with "
+                             "save_pretrained, with its tokenizer)")
+        return str(p.resolve())
 
 
 class RandomOptions(_Strict):
@@ -129,6 +155,17 @@ class WeightingConfig(_Strict):
         if v.match is not None and (v.match not in SCHEMES or v.match == "random"):
             raise ValueError(f"random.match must name another scheme; known: {', '.join(SCHEMES.names())}")
         return v
+
+    def uses(self, name: str) -> bool:
+        """Whether scheme ``name`` computes weights in this run (in the product, or as random's matched scheme)."""
+        return name in scheme_names(self.scheme) or (self.random.match == name and "random" in scheme_names(self.scheme))
+
+    @model_validator(mode="after")
+    def _one_own_normaliser(self):
+        if self.rho1.selection == "release" and scheme_names(self.scheme).count("rho1") > 1:
+            raise ConfigKeyError(("scheme",), "rho1 with selection: release normalises the loss itself (by k · the "
+                                              "other schemes' weight); a product may hold it once")
+        return self
 
 
 def scheme_names(scheme: Union[str, list[str]]) -> list[str]:
@@ -223,6 +260,17 @@ class RunConfig(_Strict):
                             f"regularizer.recadam.pretrain_coef × train.lr must be < 2, or the pull towards the "
                             f"pre-trained weights overshoots and diverges (here {r.recadam.pretrain_coef:g} × "
                             f"{self.train.lr:g} = {r.recadam.pretrain_coef * self.train.lr:g})")
+        return self
+
+    @model_validator(mode="after")
+    def _table_holds_documents(self):
+        w = self.weighting
+        if (w.uses("rho1") and w.rho1.selection == "release" and w.rho1.reference == "initial"
+                and w.rho1.table_length < self.train.max_length):
+            raise ConfigKeyError(("weighting", "rho1", "table_length"),
+                                 f"the release-style reference table pads each document to table_length tokens; it "
+                                 f"must hold the longest training document, train.max_length = {self.train.max_length} "
+                                 f"(here {w.rho1.table_length})")
         return self
 
     @field_validator("device")

@@ -26,7 +26,7 @@ from .data import LamaCKL, Split, load_lama
 from .encode import EncodedDoc, collate, encode_documents, encode_probes
 from .errors import InputError
 from .loop import Callback, Report, check_resumable
-from .loss import token_nll, weighted_loss
+from .loss import EPS, token_nll, weighted_loss
 from .metrics import EncodedProbe, mean, probe_scores, summarize
 from .models import load_tokenizer
 from .regularizers import Regularizer, build_regularizer
@@ -84,7 +84,7 @@ def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
     seeds.seed_everything(cfg.seed)
     lama = load_lama(cfg.data.dir)
     tokenizer = load_tokenizer(cfg.model)
-    env = SchemeEnv(tokenizer=tokenizer, device=device)
+    env = SchemeEnv(tokenizer=tokenizer, device=device, dtype=cfg.model.dtype)
     weighting, regularizer, replay = build_components(cfg, env)
     theta = build_theta(cfg.model, cfg.params, device, cfg.seed, tokenizer=tokenizer,
                         needs_reference_model=any(c.needs_reference_model for c in (weighting, regularizer, replay)))
@@ -189,14 +189,17 @@ def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generat
         ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
                             logits=out.logits.detach() if setup.weighting.needs_logits else None,
                             object_mask=batch["object_mask"], generator=generator)
-        w = setup.weighting(ctx).to(nll.device)
+        w, den = setup.weighting.weights_and_normaliser(ctx)  # den: None unless a scheme normalises itself
+        w = w.to(nll.device)
         replay_rows = torch.zeros(len(mine), dtype=torch.bool, device=nll.device)
         replay_rows[len(mine_new):] = True
         batch["replay_rows"] = replay_rows
         if mine_rep:  # replayed documents are trained with the plain LM loss
             w = torch.where(replay_rows.unsqueeze(1), ctx.pred_mask.to(w.dtype), w)
+            if den is not None:  # ... normalised by Σw
+                den = torch.where(replay_rows, w.to(nll.dtype).sum(dim=1) + EPS, den.to(nll.device, nll.dtype))
         # the global loss is a mean over the global batch's sequences: scale this shard's mean
-        loss = weighted_loss(nll, w) * (len(mine) / n_global)
+        loss = weighted_loss(nll, w, den) * (len(mine) / n_global)
         # the replay term is a mean over the replayed documents: this shard's share of it; a regulariser's
         # term is one per step, and the workers' gradients are summed
         extra = setup.replay.extra_loss(setup, out, batch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -25,11 +27,16 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
     return nll * prediction_mask(attention_mask).to(nll.dtype)
 
 
-def weighted_loss(nll: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_loss(nll: torch.Tensor, weights: torch.Tensor, normaliser: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L_w = mean over sequences of  Σ_t w_t l_t / (Σ_t w_t + 1e-6).
 
     ``weights`` must already be 0 on padded positions (schemes multiply by the prediction mask).
+    ``normaliser``: [B] denominators stated by a scheme instead of Σ_t w_t + 1e-6 (the release-style RHO-1's
+    k · real tokens, ``Scheme.normaliser``); None for every other scheme.
     """
     weights = weights.to(nll.dtype)
-    per_seq = (weights * nll).sum(dim=1) / (weights.sum(dim=1) + EPS)
+    if normaliser is None:
+        per_seq = (weights * nll).sum(dim=1) / (weights.sum(dim=1) + EPS)
+    else:
+        per_seq = (weights * nll).sum(dim=1) / normaliser.to(nll.dtype)
     return per_seq.mean()

@@ -180,11 +180,12 @@ def prepare_temporalwiki(cfg: TemporalWikiConfig) -> TemporalWikiSetup:
                                    seeds.temporalwiki_subsample(cfg.seed, i, "changed")),
             "unchanged": load_probes(_probe_path(p, "unchanged"), tokenizer, tw.probe_size,
                                      seeds.temporalwiki_subsample(cfg.seed, i, "unchanged"))})
-    env = SchemeEnv(tokenizer=tokenizer, device=device)
+    env = SchemeEnv(tokenizer=tokenizer, device=device, dtype=cfg.model.dtype)
     weighting, regularizer, replay = build_components(cfg, env)
     if weighting.needs_reference_model:
-        raise InputError("weighting.scheme", "schemes needing a reference model (rho1) are not wired for "
-                                             "TemporalWiki yet")
+        raise InputError("weighting.scheme", "schemes needing the frozen initial θ (rho1 with reference: initial) "
+                                             "are not wired for TemporalWiki yet; give weighting.rho1.reference "
+                                             "a model directory")
     if replay.needs_reference_model:
         raise InputError("replay.kind", "GeRe and SEEKR are not wired for TemporalWiki yet; use mix_review")
     theta = build_theta(cfg.model, cfg.params, device, cfg.seed, tokenizer=tokenizer)
