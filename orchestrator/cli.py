@@ -128,14 +128,64 @@ def meta_train_cmd(
                   f"-> {out / 'phi'}")
 
 
+UI_PORT = 5000  # `taalm ui`'s default port
+
+
+def _ui_base(uri: str, host: str = "127.0.0.1", port: int = UI_PORT) -> str:
+    """Where the MLflow UI of a study's store is: the tracking server itself for an http(s) store, else the
+    server `taalm ui` starts."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
+
+
+def _study_links(study_dir: Path, base: str) -> Optional[tuple[str, str, int]]:
+    """(the study's trials view URL, MLflow's compare URL of its trials, number of trials) under ``base``; the
+    view is saved first if the study has none yet (studies run before views existed). None when the study's
+    experiment is not in its store."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.mlflow_views import (DEFAULT_ORDER, compare_url, ensure_trials_view, trial_runs,
+                                           trials_view_url)
+    from orchestrator.specs import StudyRecord
+
+    record = StudyRecord.read(study_dir)
+    client = MlflowClient(record.tracking_uri)
+    exp = client.get_experiment_by_name(record.name)
+    if exp is None:
+        return None
+    ensure_trials_view(client, exp.experiment_id, record)
+    order = DEFAULT_ORDER.get(record.protocol, DEFAULT_ORDER["lama_ckl"])
+    runs = trial_runs(client, exp.experiment_id, order)
+    return (trials_view_url(base, exp.experiment_id), compare_url(base, exp.experiment_id, [x.info.run_id for x in runs]),
+            len(runs))
+
+
+def _view_line(study_dir: Path, uri: str) -> str:
+    """The line naming the study's trials view in the MLflow UI (`taalm ui` serves a local store on port 5000 by
+    default); the view is saved now if the study has none yet, so do this before the report goes onto the study
+    run (its description links the view)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        links = _study_links(study_dir, _ui_base(uri))
+    except (MlflowException, OSError, ValueError) as e:
+        return f"no saved view of the trials in MLflow ({e})"
+    if links is None:
+        return ""
+    how = "" if uri.startswith(("http://", "https://")) else f" (with `taalm ui {study_dir}`)"
+    return f"trials in the MLflow UI{how}: {links[0]}"
+
+
 def _report_study(r: dict) -> None:
     """Build the study's report from MLflow, print the table and where everything is."""
     from orchestrator.report import write_report
 
+    view = _view_line(Path(r["study_dir"]), r["tracking_uri"])
     rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report", r.get("baseline"))
     print(rep["markdown"])
     console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
                   f"`taalm ui {r['study_dir']}` to browse", highlight=False, soft_wrap=True)
+    if view:
+        console.print(view, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -240,56 +290,109 @@ def report(
         records = [StudyRecord.read(s) for s in studies]
         sources = [(r.tracking_uri, r.name) for r in records]
         baseline = baseline or records[0].baseline
+    views = [] if tracking_uri and experiment else [_view_line(d, uri) for d, (uri, _) in zip(studies, sources)]
     rep = write_report(*sources[0], out or studies[0] / "report", baseline, more=sources[1:], epochs=epochs)
     print(rep["markdown"])
     console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, paired.csv, curves.png, "
                   f"pareto.png)", highlight=False, soft_wrap=True)
+    for line in filter(None, views):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
 def ui(
     study: Path = typer.Argument(..., help="A study directory."),
-    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    port: int = typer.Option(UI_PORT, help="Port on 127.0.0.1."),
     host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
 ):
-    """Start the MLflow UI on the study's tracking store (127.0.0.1 unless told otherwise); print the URL of the
-    study's runs, flat (trials visible without expanding the study run) and in the Model-training view."""
-    from urllib.parse import urlencode
+    """Start the MLflow UI on the study's tracking store (127.0.0.1 unless told otherwise) and print where the study
+    opens: its trials (a saved view: summary metrics, the grid's axes and the seed as the first columns, best Top
+    Acc first) and MLflow's comparison of them, both in the Model-training mode. The server's own output (uvicorn's
+    request log) goes to <study>/logs/study.log."""
+    from mlflow.exceptions import MlflowException
 
     from orchestrator.report import study_tracking
 
     uri, name = study_tracking(study)
-    console.print(f"MLflow UI on http://{host}:{port} for {uri}", highlight=False, soft_wrap=True)
-    exp = None
-    if not uri.startswith(("http://", "https://")):  # a store on disk: its experiment id, without a server
-        from mlflow.tracking import MlflowClient
-
-        exp = MlflowClient(uri).get_experiment_by_name(name)
-    if exp is not None:
-        # MLflow's runs table nests child runs under their (collapsed) parent only when sorted by creation time
-        # without a filter; sorted by a metric it lists every run flat. workflowType picks the Model-training view.
-        query = urlencode({"workflowType": "machine_learning", "orderByKey": "metrics.`top_acc`",
-                           "orderByAsc": "false"})
-        console.print(f"Study {name}: http://{host}:{port}/#/experiments/{exp.experiment_id}/runs?{query}",
+    remote = uri.startswith(("http://", "https://"))
+    if not remote:
+        _check_listen(host, port)  # before anything is written (the view of an older study, the server log)
+    base = _ui_base(uri, host, port)
+    try:
+        links, why = _study_links(study, base), f"no experiment named {name} in {uri} yet"
+    except (MlflowException, OSError, ValueError) as e:  # e.g. a read-only store: the UI still serves it
+        links, why = None, f"no links to the study's trials: {e}"
+    if remote:  # the study's store is an MLflow server: its UI is there, nothing to start
+        console.print(f"Study {name} is tracked on the MLflow server {uri}: its UI is there", highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print(f"MLflow UI on {base} for {uri} (server log: {study / 'logs' / 'study.log'})",
                       highlight=False, soft_wrap=True)
+    if links is None:
+        console.print(f"({why})", highlight=False, soft_wrap=True)
+    else:
+        view, compare, n = links
+        console.print(f"Study {name}: {view}", highlight=False, soft_wrap=True)
+        if n:
+            console.print(f"Compare {name} ({n} trials): {compare}", highlight=False, soft_wrap=True)
+    if remote:
+        return
     # no job runner: its seven huey consumers serve GenAI features (scorers, issue detection) a study has no use
     # for, and on two cores they slow the server's start and stop (set the variable to true to have them)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
                                                                                "false")}
-    raise typer.Exit(serve_until_signalled([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                                            "--host", host, "--port", str(port), "--workers", "1"], env=env))
+    code = serve_until_signalled([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+                                  "--port", str(port), "--workers", "1"], env=env, log=study / "logs" / "study.log")
+    # sys.exit, not typer.Exit: main() runs typer with standalone_mode=False, where click returns typer.Exit's code
+    # instead of exiting with it (a failed server used to end `taalm ui` with 0)
+    sys.exit(code)
 
 
-def serve_until_signalled(cmd: list[str], grace_s: float = 20.0, env: Optional[dict] = None) -> int:
+def _check_listen(host: str, port: int) -> None:
+    """The server could listen on host:port now (bound as uvicorn binds, with SO_REUSEADDR), else bad input naming
+    the option (mlflow server itself only logs the error and exits with 0)."""
+    import errno
+    import socket
+
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError("--host", f"{host!r} is not an address to listen on ({e})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InputError("--port", f"{host}:{port} is in use (another server listens there): choose "
+                                           f"another --port") from None
+            raise InputError("--host", f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def serve_until_signalled(cmd: list[str], grace_s: float = 20.0, env: Optional[dict] = None,
+                          log: Optional[Path] = None) -> int:
     """Run a server in its own process group; SIGTERM / SIGINT to us are forwarded to the whole group
     (mlflow server starts a uvicorn worker of its own) and we wait for it, so a process manager's `kill`
-    leaves no child behind and the port free."""
+    leaves no child behind and the port free. ``log``: the server's stdout and stderr are appended there instead
+    of the console. A server that stops by itself (not signalled) is an error: the end of what it wrote is shown
+    and the exit code is never 0."""
     import os
     import signal
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    out, offset = None, 0
+    if log is not None:
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log, "ab")
+            out.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} taalm ui: {' '.join(cmd)}\n".encode())
+            out.flush()
+            offset = out.tell()
+        except OSError as e:  # a read-only study directory: the server's output stays on the console
+            console.print(f"(server output on the console: cannot write {log}: {e})", highlight=False)
+            out = None
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
     stopping = []  # monotonic time of the first SIGTERM / SIGINT
 
     def forward(signum, _frame):
@@ -315,7 +418,20 @@ def serve_until_signalled(cmd: list[str], grace_s: float = 20.0, env: Optional[d
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return 0 if stopping else code
+        if out is not None:
+            out.close()
+    if stopping:
+        return 0
+    # the server stopped by itself (mlflow server exits 0 even when its port is taken): say why
+    if out is not None:
+        from rich.markup import escape
+
+        tail = log.read_bytes()[offset:].decode(errors="replace").strip().splitlines()[-12:]
+        console.print(f"[bold red]error[/]: the server stopped by itself (exit code {code}); the end of its output "
+                      f"({log}):", highlight=False, soft_wrap=True)
+        for line in tail:
+            console.print(escape(line), highlight=False, soft_wrap=True)
+    return code or 1
 
 
 def _fmt(x) -> str:

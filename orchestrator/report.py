@@ -407,7 +407,22 @@ def _attach_to_study_run(tracking_uri: str, experiment: str, out_dir: Path, md: 
     for f in ("table.md", "table.csv", "paired.csv", "curves.png", "pareto.png"):
         if (out_dir / f).is_file():
             client.log_artifact(rid, str(out_dir / f), "report")
-    client.set_tag(rid, "mlflow.note.content", f"# {experiment}\n\n{md}\n"[:7900])  # a tag holds 8000 characters
+    links = _study_ui_links(client, exp.experiment_id, parents[0].data.tags.get("taalm.protocol", "lama_ckl"))
+    client.set_tag(rid, "mlflow.note.content", f"# {experiment}\n\n{links}{md}\n"[:7900])  # a tag holds 8000 characters
+
+
+def _study_ui_links(client, experiment_id: str, protocol: str) -> str:
+    """Links, relative to the MLflow UI that shows them, to the study's saved view of its trials and to MLflow's
+    comparison of them (a Markdown line, or "" when the study has no saved view)."""
+    from .mlflow_views import DEFAULT_ORDER, compare_url, has_trials_view, trial_runs, trials_view_url
+
+    if not has_trials_view(client, experiment_id):
+        return ""
+    order = DEFAULT_ORDER.get(protocol, DEFAULT_ORDER["lama_ckl"])
+    ids = [r.info.run_id for r in trial_runs(client, experiment_id, order)]
+    view = trials_view_url("", experiment_id).lstrip("/")
+    compare = f" · [compare them]({compare_url('', experiment_id, ids).lstrip('/')})" if ids else ""
+    return f"[The trials by {order[0]}]({view}){compare}\n\n"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -184,7 +184,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
 
     from .ray_trainables import trial_resources
     from .study import start_study
-    from .tracking import MlflowTrials, default_tracking_uri
+    from .tracking import MlflowTrials, default_tracking_uri, run_params
 
     spec, base = load_search(path, overrides)  # validated before anything starts
     study_dir = Path(out_root) / spec.name
@@ -193,6 +193,11 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     StudyRecord(kind="search", name=spec.name, source=str(Path(path).resolve()), overrides=overrides or [],
                 tracking_uri=uri, out_root=str(Path(out_root).resolve())).write(study_dir)
     study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose)
+    first = spec.objectives[0]
+    # the MLflow UI's view of the trials: summary metrics, then the searched keys and the seed, sorted by the
+    # first objective when it is a summary metric
+    study.save_trials_view(list(spec.space) + ["seed"], (first.metric, first.mode == "min")
+                           if first.metric in ("top_acc", "nf_acc", "total_knowledge") else None)
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     searcher = OptunaSearch(define_by_run(spec), metric=metrics if len(metrics) > 1 else metrics[0],
@@ -208,7 +213,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
         sampled = {k: v for k, v in trial.config.items()}
         cfg = config_to_dict(_trial_config(base, sampled))
         return {"run_name": f"{trial.trial_id}: {label_of(sampled)}", "role": "trial", "config": cfg,
-                "params": {"label": label_of(sampled), "sampled": sampled, "config": cfg},
+                "params": run_params(cfg, sampled, label=label_of(sampled), seed=cfg["seed"]),
                 "tags": {"taalm.label": label_of(sampled), "taalm.seed": cfg["seed"]}}
 
     storage = str((study_dir / "train").resolve())

@@ -12,7 +12,7 @@ from trainables.config import config_to_dict
 
 from .grid import GridSpec, Trial, load_grid
 from .specs import StudyRecord, TrialSpec
-from .tracking import MlflowTrials, Study, default_tracking_uri
+from .tracking import MlflowTrials, Study, default_tracking_uri, meta_params, run_params
 
 
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -230,7 +230,7 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
         cfg = dict(meta_cfg, seed=seed)
         key, d = phi_location(meta_cfg, seed, data_hash)
         phis[seed] = str(d / "phi")
-        info[key] = {"run_name": meta_label(seed), "role": "meta", "params": {"meta": cfg},
+        info[key] = {"run_name": meta_label(seed), "role": "meta", "params": meta_params(cfg),
                      "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}
         if retrain:  # anew: neither the cached φ nor a half-trained one's checkpoint
             _clear_phi_cache(d)
@@ -278,6 +278,8 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 baseline=spec.baseline,
                 trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
     study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose)
+    # the MLflow UI's view of the trials: summary metrics, then what the grid varies and the seed
+    study.save_trials_view(list(dict.fromkeys(k for t in trials for k in t.overrides)) + ["seed"])
     if meta_cfg is not None:
         phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi, faults)
         for t in trials:
@@ -289,7 +291,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     for order, t in enumerate(trials):
         cfg = config_to_dict(t.config)
         info[t.key] = {"run_name": f"{t.label} seed {t.seed}", "role": "trial", "config": cfg,
-                       "params": {"label": t.label, "seed": t.seed, "config": cfg},
+                       "params": run_params(cfg, t.overrides, label=t.label, seed=t.seed),
                        "tags": {"taalm.label": t.label, "taalm.seed": t.seed, "taalm.order": order}}
         specs.append(TrialSpec(kind="temporalwiki" if spec.protocol == "temporalwiki" else "continual",
                                trial_key=t.key, label=t.label, config=cfg, resources=spec.resources,

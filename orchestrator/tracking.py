@@ -3,6 +3,12 @@
 All MLflow writes happen in the Tune driver process through a Tune callback, so concurrent trials
 never write to the store at the same time; a child run is found again by its trial key, and epochs
 already logged are not logged twice (a resumed study neither loses nor duplicates anything).
+
+A run's params are what a reader compares trials by (:func:`run_params`: the grid's axes, the model, data
+sizes, training settings and the options of the chosen methods); the full resolved config is the run's
+``config.json``. A run's recorded duration is its running time: a trial (or study) that was interrupted and
+resumed ends at ``start + running time`` (MLflow's Duration column), the time it spent interrupted is the
+``taalm.interrupted_seconds`` tag and the running time also the ``taalm.running_seconds`` tag.
 """
 
 from __future__ import annotations
@@ -13,13 +19,69 @@ from pathlib import Path
 
 from ray import tune
 
-from trainables.config import flatten
+from trainables.config import flatten, scheme_names
 from trainables.loop import UNIT
 
 SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge", "avg_changed_ppl", "avg_unchanged_ppl")
 CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "changed_ppl",
           "unchanged_ppl")
 CHECKS = ("val_acc", "object_weight_ratio", "object_weight_share", "uniform_share")  # meta-training's checks
+
+
+RUNNING_TAG = "taalm.running_seconds"  # seconds the run has run, over all its attempts
+INTERRUPTED_TAG = "taalm.interrupted_seconds"  # seconds between its start and its end it was not running
+
+# what a reader of the runs table needs besides the grid's axes: the model, the data sizes, the training
+# settings and which method a trial is (with the options of the chosen methods only)
+RUN_SETTINGS = ("model.name", "data.split", "data.task", "data.to_learn_size", "data.ntf_size",
+                "data.max_doc_tokens", "train.epochs", "train.lr", "train.batch_size", "params.kind",
+                "weighting.scheme", "regularizer.kind", "replay.kind")
+META_SETTINGS = ("model.name", "task", "records", "data.split", "data.to_learn_size", "data.ntf_size",
+                 "params.kind", "params.r", "meta.steps", "meta.epochs", "meta.batch_size", "meta.lr",
+                 "meta.inner_optimizer", "meta.inner_lr", "meta.inner_steps", "meta.dummy_loop", "meta.objective",
+                 "meta.pool_size")
+
+
+def run_params(cfg: dict, axes: dict | None = None, **extra) -> dict:
+    """A trial's MLflow params (dotted config keys): ``RUN_SETTINGS``, the options of its parameterisation,
+    weighting schemes, regulariser and replay (only those it uses), the TemporalWiki periods, the grid's axes
+    (``axes``, whatever keys they vary) and ``extra`` (label, seed). Unset options (None) are left out."""
+    flat = flatten(cfg)
+    keys = list(RUN_SETTINGS)
+
+    def options(prefix: str) -> None:
+        keys.extend(k for k in flat if k.startswith(prefix))
+
+    kind = flat.get("params.kind")
+    if kind in ("lora", "qlora"):
+        keys += ["params.r", "params.alpha"]
+    else:
+        options(f"params.{kind}.")
+    try:
+        for name in scheme_names(flat.get("weighting.scheme", "uniform")):
+            options(f"weighting.{name}.")
+    except ValueError:
+        pass
+    if flat.get("regularizer.kind", "none") != "none":
+        options(f"regularizer.{flat['regularizer.kind']}.")
+    if flat.get("replay.kind", "none") != "none":
+        keys += ["replay.pool", "replay.ratio", "replay.size"]
+        options(f"replay.{flat['replay.kind']}.")
+    out = {k: flat[k] for k in dict.fromkeys(keys) if flat.get(k) is not None}
+    tw = cfg.get("temporalwiki")
+    if isinstance(tw, dict):
+        out["temporalwiki.periods"] = ",".join(str(p.get("name")) for p in tw.get("periods") or [])
+        out.update({f"temporalwiki.{k}": tw[k] for k in ("epochs_per_period", "probe_size", "diff_size")
+                    if tw.get(k) is not None})
+    out.update(axes or {})
+    out.update(extra)
+    return out
+
+
+def meta_params(cfg: dict) -> dict:
+    """The meta-training stage's MLflow params (``META_SETTINGS`` and the seed); its config is meta_config.json."""
+    flat = flatten(cfg)
+    return {**{k: flat[k] for k in META_SETTINGS if flat.get(k) is not None}, "seed": cfg.get("seed")}
 
 
 def default_tracking_uri(study_dir: Path) -> str:
@@ -66,10 +128,12 @@ def fresh_sqlite_store(db: Path) -> None:
 class Study:
     """The MLflow side of a study: experiment and parent run, created once and found again."""
 
-    def __init__(self, tracking_uri: str, name: str, study_dir: Path, protocol: str = "lama_ckl"):
+    def __init__(self, tracking_uri: str, name: str, study_dir: Path, protocol: str = "lama_ckl", clock=None):
         from mlflow.tracking import MlflowClient
 
-        self.uri, self.name, self.dir = tracking_uri, name, study_dir
+        self.uri, self.name, self.dir, self.protocol = tracking_uri, name, study_dir, protocol
+        self.clock = clock or time.time  # seconds; runs' start and end times and running time are read from it
+        began = self.clock()
         if tracking_uri.startswith("sqlite:///"):
             from trainables.checkpoint import exclusive
 
@@ -95,18 +159,55 @@ class Study:
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
         else:
-            self.parent_id = self.client.create_run(self.experiment_id, run_name=name, tags={
-                "taalm.role": "study", "taalm.protocol": protocol, "taalm.code_version": code_version()}).info.run_id
+            self.parent_id = self.client.create_run(
+                self.experiment_id, run_name=name, start_time=int(self.clock() * 1000), tags={
+                    "taalm.role": "study", "taalm.protocol": protocol, "taalm.code_version": code_version()}
+            ).info.run_id
+        self._start_session(began)
+
+    def _start_session(self, began: float) -> None:
+        """This driver process runs the study since ``began``; earlier sessions recorded their running time."""
+        run = self.client.get_run(self.parent_id)
+        self.parent_start_ms = run.info.start_time
+        self.recorded_s = float(run.data.tags.get(RUNNING_TAG, 0) or 0)
+        self.session_start = began
+
+    def running_seconds(self) -> float:
+        return self.recorded_s + max(0.0, self.clock() - self.session_start)
+
+    def record_running(self) -> None:
+        """Persist the study's running time so far (a driver killed later loses at most the time since)."""
+        self.client.set_tag(self.parent_id, RUNNING_TAG, f"{self.running_seconds():.1f}")
 
     def __getstate__(self):
-        # Tune pickles its callbacks with the experiment state: keep ids, rebuild the client on load
-        return {k: v for k, v in self.__dict__.items() if k != "client"}
+        # Tune pickles its callbacks with the experiment state: keep ids, rebuild the client on load (and, in
+        # the process that loads it, e.g. `taalm resume`, count running time from then)
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "clock")}
 
     def __setstate__(self, state):
         from mlflow.tracking import MlflowClient
 
         self.__dict__.update(state)
+        self.clock = time.time
         self.client = MlflowClient(self.uri)
+        self._start_session(self.clock())
+
+    def save_trials_view(self, params: list[str], order: tuple[str, bool] | None = None) -> str | None:
+        """The study's saved view of its trials in MLflow's runs table (orchestrator/mlflow_views.py): the summary
+        metrics, then ``params`` (the grid's axes, the seed). Returns its id, or None when the store refuses it
+        (the study goes on without it; the reason is in the study's log)."""
+        import logging
+
+        from mlflow.exceptions import MlflowException
+
+        from .mlflow_views import save_trials_view
+
+        try:
+            return save_trials_view(self.client, self.experiment_id, self.name, getattr(self, "protocol", "lama_ckl"),
+                                    params, order)
+        except (MlflowException, ValueError, OSError) as e:
+            logging.getLogger("mlflow").warning("taalm: no saved view of the trials: %s", e)
+            return None
 
     def child(self, key: str, run_name: str, role: str, params: dict, tags: dict) -> str:
         found = self.client.search_runs(
@@ -115,7 +216,7 @@ class Study:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+        run = self.client.create_run(self.experiment_id, run_name=run_name, start_time=int(self.clock() * 1000), tags={
             "mlflow.parentRunId": self.parent_id, "taalm.role": role, "taalm.trial_key": key,
             "taalm.code_version": code_version(), **{k: str(v) for k, v in tags.items()}})
         from mlflow.entities import Param
@@ -126,7 +227,19 @@ class Study:
         return run.info.run_id
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.parent_id, status=status)
+        """End the study run; its recorded duration is its running time (over sessions, e.g. `taalm resume`)."""
+        terminate(self.client, self.parent_id, self.parent_start_ms, self.running_seconds(), self.clock(), status)
+
+
+def terminate(client, run_id: str, start_ms: int, running_s: float, now_s: float, status: str) -> None:
+    """End a run at ``start + running time`` (MLflow's Duration column is end - start), with its running time and
+    the time it spent interrupted (the rest of start..now) as tags."""
+    from mlflow.entities import RunTag
+
+    interrupted = max(0.0, now_s - start_ms / 1000 - running_s)
+    client.log_batch(run_id, tags=[RunTag(RUNNING_TAG, f"{running_s:.1f}"),
+                                   RunTag(INTERRUPTED_TAG, f"{interrupted:.1f}")])
+    client.set_terminated(run_id, status=status, end_time=start_ms + int(round(running_s * 1000)))
 
 
 class MlflowTrials(tune.Callback):
@@ -143,9 +256,44 @@ class MlflowTrials(tune.Callback):
         self.per_fact: dict[str, dict] = {}
         self.placed: set[str] = set()  # trials whose node and process are tagged
         self.resumed: dict[str, float] = {}  # trial key -> the index its latest attempt resumed from (tagged)
+        self._reset_clocks()
+
+    # running time per trial key, kept in this driver process only: a driver that loads this callback from Tune's
+    # saved experiment state (`taalm resume`) reads what earlier attempts recorded from the run's tag instead
+    _CLOCKS = ("recorded", "attempt_start", "start_ms")
+
+    def _reset_clocks(self) -> None:
+        self.recorded: dict[str, float] = {}  # seconds earlier attempts ran (as recorded in MLflow)
+        self.attempt_start: dict[str, float | None] = {}  # when the running attempt started (None: none runs)
+        self.start_ms: dict[str, int] = {}  # the run's start time
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._CLOCKS}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset_clocks()
+
+    def _attempt(self, key: str, rid: str, began: float) -> None:
+        """An attempt of the trial runs since ``began``, unless one is running already."""
+        if key not in self.recorded:
+            run = self.study.client.get_run(rid)
+            self.recorded[key] = float(run.data.tags.get(RUNNING_TAG, 0) or 0)
+            self.start_ms[key] = run.info.start_time
+        if self.attempt_start.get(key) is None:
+            self.attempt_start[key] = began
+
+    def _running(self, key: str) -> float:
+        start = self.attempt_start.get(key)
+        return self.recorded[key] + (max(0.0, self.study.clock() - start) if start is not None else 0.0)
+
+    def _end_attempt(self, key: str) -> float:
+        self.recorded[key], self.attempt_start[key] = self._running(key), None
+        return self.recorded[key]
 
     def _run(self, trial) -> tuple[str, str]:
         key = trial.config["t"]["trial_key"] if "t" in trial.config else trial.trial_id
+        began = self.study.clock()  # a new attempt runs from now (before its run is created or found)
         if key not in self.info and self.describe is not None:
             self.info[key] = self.describe(trial)
         if key not in self.run_ids:
@@ -159,6 +307,7 @@ class MlflowTrials(tune.Callback):
                     self.curves[key].setdefault(name, {})[m.step] = m.value
                     self.logged[key].add(m.step)
             self.study.client.set_tag(rid, "taalm.tune_trial_id", trial.trial_id)
+        self._attempt(key, self.run_ids[key], began)
         return key, self.run_ids[key]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -177,7 +326,10 @@ class MlflowTrials(tune.Callback):
                 if seq is not None:
                     pf[name].setdefault(int(earlier["index"]), seq)
         step = int(result.get("index", 0))
-        self._log_step(key, rid, step, result)
+        from mlflow.entities import RunTag
+
+        self._log_step(key, rid, step, result, tags=[RunTag(RUNNING_TAG, f"{self._running(key):.1f}")])
+        self.study.record_running()
         if isinstance(result.get("per_fact"), dict):
             pf["uuids"].update(result["per_fact"].get("uuids") or {})
             for name in ("to_learn", "ntf"):
@@ -194,8 +346,8 @@ class MlflowTrials(tune.Callback):
             self.study.client.set_tag(rid, f"taalm.resumed_from_{UNIT.get(result.get('kind'), 'epoch')}",
                                       str(int(resumed)))
 
-    def _log_step(self, key: str, rid: str, step: int, values: dict) -> None:
-        """Log one report (step = its index) of a trial's curves, unless it is already in MLflow."""
+    def _log_step(self, key: str, rid: str, step: int, values: dict, tags: list | None = None) -> None:
+        """Log one report (step = its index) of a trial's curves (and ``tags``), unless it is already in MLflow."""
         from mlflow.entities import Metric
 
         if step in self.logged[key]:
@@ -208,7 +360,7 @@ class MlflowTrials(tune.Callback):
             if isinstance(v, (int, float)) and v == v:
                 metrics.append(Metric(name, float(v), now, step))
                 self.curves[key].setdefault(name, {})[step] = float(v)
-        self.study.client.log_batch(rid, metrics=metrics)
+        self.study.client.log_batch(rid, metrics=metrics, tags=tags or [])
         self.logged[key].add(step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -247,7 +399,13 @@ class MlflowTrials(tune.Callback):
                     if cand.is_file():
                         self.study.client.log_artifact(rid, str(cand))
                         break
-        self.study.client.set_terminated(rid, status="FINISHED")
+        self._terminate(key, rid, "FINISHED")
+
+    def _terminate(self, key: str, rid: str, status: str) -> None:
+        """End the trial's run at its start plus its running time (time interrupted before a resume is left out
+        of MLflow's Duration and kept as a tag); the study's running time so far is recorded too."""
+        terminate(self.study.client, rid, self.start_ms[key], self._end_attempt(key), self.study.clock(), status)
+        self.study.record_running()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A failed trial that Tune will retry (resources.max_failures): count it, keep the reason."""
@@ -256,12 +414,13 @@ class MlflowTrials(tune.Callback):
         retries = int(run.data.tags.get("taalm.retries", "0")) + 1
         self.study.client.set_tag(rid, "taalm.retries", str(retries))
         self.study.client.set_tag(rid, "taalm.retry_reason", failure_reason(trial))
+        self.study.client.set_tag(rid, RUNNING_TAG, f"{self._end_attempt(key):.1f}")  # the next attempt adds to it
 
     def on_trial_error(self, iteration, trials, trial, **info):
         key, rid = self._run(trial)
         reason = failure_reason(trial)
         self.study.client.set_tag(rid, "taalm.failure", reason)
-        self.study.client.set_terminated(rid, status="FAILED")
+        self._terminate(key, rid, "FAILED")
 
 
 def failure_reason(trial) -> str:

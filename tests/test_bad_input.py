@@ -114,6 +114,29 @@ def study_dir(study_json: Optional[str]):
     return prep
 
 
+def sqlite_study(tmp: Path) -> None:
+    """A study directory whose study.json names a (not yet created) sqlite store in it."""
+    d = tmp / "study"
+    d.mkdir()
+    (d / "study.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{d / 'mlflow.db'}", "name": "s",
+                                              "kind": "grid"}))
+
+
+def _listening_port() -> int:
+    """A port on 127.0.0.1 that something listens on for the whole test session (`taalm ui` on a port in use)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _LISTENING.append(s)
+    return s.getsockname()[1]
+
+
+_LISTENING: list = []
+BUSY_PORT = _listening_port()
+
+
 def write_bytes(rel: str, data: bytes):
     def prep(tmp: Path) -> None:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +311,8 @@ CASES = [
          prep=study_dir(None)),
     Case("report: --epochs 0", "out of range", ["report", "{T}/study", "--epochs", "0"], ["--epochs"],
          prep=study_dir(None)),
+    Case("ui: --port in use", "out of range", ["ui", "{T}/study", "--port", str(BUSY_PORT)],
+         ["--port", f"127.0.0.1:{BUSY_PORT} is in use"], prep=sqlite_study),
     Case("tailor: pool size 0", "out of range", ["data", "tailor", "--model", "tiny", "--out", "{T}/t",
                                                  "--ta-pool-size", "0"], ["--ta-pool-size"]),
     Case("run: RecAdam pull overshoots", "out of range",
@@ -459,7 +484,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 118
+N_CASES = 119
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 
