@@ -273,7 +273,7 @@ CASES = [
     Case("resume: study.json not JSON", "wrong type", ["resume", "{T}/study"], ["{T}/study/study.json:1"],
          prep=study_dir("{not json")),
     Case("ablate: fault injection epoch not a number", "wrong type",
-         ["ablate", str(SMOKE), "--out", "{T}/studies"], ["TAALM_INJECT_FAULT=one", "expected EPOCH"],
+         ["ablate", str(SMOKE), "--out", "{T}/studies"], ["TAALM_INJECT_FAULT=one", "expected INDEX"],
          env={"TAALM_INJECT_FAULT": "one"}),
     # --- out-of-range values -------------------------------------------------------------------------------
     Case("run: negative epochs", "out of range", RUN,

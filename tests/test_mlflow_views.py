@@ -28,7 +28,8 @@ def test_params_are_the_axes_and_what_a_reader_needs_not_the_whole_config():
     p = run_params(cfg, {"weighting.scheme": "rho1"}, label="RHO-1", seed=0)
     flat = flatten(cfg)
     settings = {k for k in RUN_SETTINGS if flat.get(k) is not None}
-    options = {"params.r", "params.alpha", "weighting.rho1.k", "replay.pool", "replay.ratio"}  # of the chosen methods
+    options = {"params.r", "params.alpha", "weighting.rho1.k", "weighting.rho1.selection", "weighting.rho1.reference",
+               "weighting.rho1.table_length", "replay.pool", "replay.ratio"}  # of the chosen methods
     assert set(p) == settings | options | {"label", "seed"}
     assert len(p) < len(flat) / 2  # 64 config keys -> 23 params
     assert p["weighting.scheme"] == "rho1" and p["weighting.rho1.k"] == flat["weighting.rho1.k"] == 0.6
