@@ -254,7 +254,9 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
         results = _tune(todo, info, study, f"{spec.name}-meta", study_dir, spec, progress, resume)
         errors = [r.error for r in results if r.error]
         if errors:
-            raise RuntimeError(f"meta-training failed: {errors[0]}")
+            from .tracking import error_line
+
+            raise RuntimeError(f"meta-training failed: {error_line(str(errors[0]))}")
     return phis
 
 
@@ -268,6 +270,8 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     from .ray_trainables import injected_faults
 
     spec, trials, meta_cfg = load_grid(grid_path, overrides)  # everything validated before anything starts
+    if not any(t.needs_phi and not t.config.weighting.train_attention.phi for t in trials):
+        meta_cfg = None  # no trial needs a φ from the meta stage (e.g. a grid cut to rows without TAALM)
     meta_labels = [meta_label(s) for s in meta_seeds(spec, trials, meta_cfg)] if meta_cfg is not None else []
     faults = injected_faults([t.label for t in trials] + meta_labels)
     study_dir = Path(out_root) / spec.name

@@ -425,14 +425,19 @@ class MlflowTrials(tune.Callback):
 
 def failure_reason(trial) -> str:
     """The last 'SomeError: message' line of a failed trial's error (or the tail of its text)."""
-    import re
-
     text = ""
     try:  # Tune writes the error text next to the trial before it calls the callbacks
         if trial.error_file and Path(trial.error_file).is_file():
             text = Path(trial.error_file).read_text()
     except OSError:
         pass
+    return error_line(text)
+
+
+def error_line(text: str) -> str:
+    """The last 'SomeError: message' line of an error's text (a traceback; or the tail of the text)."""
+    import re
+
     text = text or "trial raised an error"
     found = re.findall(r"^\s*([A-Za-z_.]*(?:Error|Exception|Interrupt)\b[^\n]*)$", text, flags=re.M)
     return (found[-1].strip() if found else text.strip().splitlines()[-1])[:500]

@@ -76,3 +76,58 @@ def test_time_budget_fails_the_trial(ray_local, tmp_path):
     assert r["failed"] == 1
     t = _trials(r)["Finetune"]
     assert t.info.status == "FAILED" and "time budget" in t.data.tags["taalm.failure"]
+
+
+TW_GRID = ROOT / "ablations" / "temporalwiki_table2.yaml"
+TW_ROWS = "zip=[{label: [Finetune, TAALM], weighting.scheme: [uniform, train_attention]}]"
+
+
+def _runs(r, role):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(r["tracking_uri"])
+    exp = c.get_experiment_by_name(r["experiment"])
+    return c, {t.data.tags.get("taalm.label", t.info.run_name): t
+               for t in c.search_runs([exp.experiment_id], f"tags.`taalm.role` = '{role}'")}
+
+
+def test_meta_training_and_temporalwiki_trials_are_retried_from_their_checkpoints(ray_local, tmp_path, monkeypatch):
+    """Every loop runs through the same trial session: a fault injected into meta-training after its check at step
+    2 and into a TemporalWiki trial after period 0 fails each first attempt; with max_failures 1 each is retried
+    from the checkpoint of that report (not from scratch), every report logged once, and the study completes."""
+    from orchestrator.study import run_ablation
+
+    monkeypatch.setenv("TAALM_INJECT_FAULT", "2:meta-train seed 0,0:Finetune")
+    r = run_ablation(TW_GRID, ["name=tw_retry", TW_ROWS, "resources.max_failures=1"], out_root=tmp_path,
+                     retrain_phi=True)
+    assert r["failed"] == 0 and r["trials"] == 2
+    c, metas = _runs(r, "meta")
+    meta = metas["meta-train seed 0"]
+    assert meta.info.status == "FINISHED" and meta.data.tags["taalm.retries"] == "1"
+    assert "injected fault after step 2" in meta.data.tags["taalm.retry_reason"]
+    assert meta.data.tags["taalm.resumed_from_step"] == "2"
+    assert sorted(m.step for m in c.get_metric_history(meta.info.run_id, "val_acc")) == [0, 2, 4]
+    _, trials = _runs(r, "trial")
+    ft = trials["Finetune"]
+    assert ft.info.status == "FINISHED" and ft.data.tags["taalm.retries"] == "1"
+    assert "injected fault after period 0" in ft.data.tags["taalm.retry_reason"]
+    assert ft.data.tags["taalm.resumed_from_period"] == "0"
+    assert sorted(m.step for m in c.get_metric_history(ft.info.run_id, "changed_ppl")) == [0, 1]
+    assert trials["TAALM"].info.status == "FINISHED" and "taalm.retries" not in trials["TAALM"].data.tags
+
+
+def test_time_budget_holds_for_meta_training_and_temporalwiki(ray_local, tmp_path):
+    from orchestrator.study import run_ablation
+
+    r = run_ablation(TW_GRID, ["name=tw_budget", "zip=[{label: [Finetune], weighting.scheme: [uniform]}]",
+                               "resources.time_budget_s=0.001"], out_root=tmp_path)
+    assert r["failed"] == 1
+    _, trials = _runs(r, "trial")
+    assert trials["Finetune"].info.status == "FAILED" and "time budget" in trials["Finetune"].data.tags["taalm.failure"]
+    with pytest.raises(RuntimeError, match="meta-training failed.*time budget"):
+        run_ablation(TW_GRID, ["name=meta_budget", TW_ROWS, "resources.time_budget_s=0.001"], out_root=tmp_path,
+                     retrain_phi=True)
+    _, metas = _runs({"tracking_uri": f"sqlite:///{tmp_path / 'meta_budget' / 'mlflow.db'}",
+                      "experiment": "meta_budget"}, "meta")
+    assert metas["meta-train seed 0"].info.status == "FAILED"
+    assert "time budget" in metas["meta-train seed 0"].data.tags["taalm.failure"]

@@ -50,7 +50,8 @@ def strict_argmax_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 @torch.no_grad()
 def probe_scores(model, probes: Sequence[EncodedProbe], pad_id: int, batch_size: int = 32,
                  device: torch.device | str = "cpu") -> list[tuple[float, float]]:
-    """(token accuracy, exact match) per probe."""
+    """(token accuracy, exact match) per probe. Only the logits at the object positions leave the model's device
+    (a batch's full [B, T, vocabulary] logits never do), and they are judged there."""
     was_training = model.training
     model.eval()
     out: list[tuple[float, float]] = []
@@ -60,15 +61,19 @@ def probe_scores(model, probes: Sequence[EncodedProbe], pad_id: int, batch_size:
             width = max(len(p.input_ids) for p in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            rows, cols, sizes = [], [], []
             for b, p in enumerate(chunk):
                 ids[b, :len(p.input_ids)] = torch.tensor(p.input_ids)
                 mask[b, :len(p.input_ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-            for b, p in enumerate(chunk):
-                pos = torch.tensor(p.positions)
-                correct = strict_argmax_correct(logits[b, pos - 1], ids[b, pos])
-                acc = correct.float().mean().item()
-                out.append((acc, float(bool(correct.all()))))
+                rows += [b] * len(p.positions)
+                cols += p.positions
+                sizes.append(len(p.positions))
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            r, c = torch.tensor(rows, device=ids.device), torch.tensor(cols, device=ids.device)
+            correct = strict_argmax_correct(logits[r, c - 1].float(), ids[r, c]).cpu()
+            for part in correct.split(sizes):
+                out.append((part.float().mean().item(), float(bool(part.all()))))
     finally:
         model.train(was_training)
     return out
