@@ -21,6 +21,8 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 SET_HELP = "Override a config key: dotted.key=value (repeatable)."
+NUM_GPUS_HELP = ("GPUs of the local Ray instance (default: detected). On a machine without GPUs a number declares "
+                 "logical GPUs: trials are placed on them as on real ones and run on the CPU, saying so.")
 VERBOSE_HELP = "Show Ray's, Tune's and MLflow's own output too (always in <study>/logs/study.log)."
 
 
@@ -197,6 +199,7 @@ def ablate(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                help="MLflow tracking URI (default: sqlite in the study dir)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     retrain_phi: bool = typer.Option(False, "--retrain-phi",
                                      help="Meta-train φ anew (ignore the φ cache and the φ shipped in ablations/phi/)."),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
@@ -212,7 +215,7 @@ def ablate(
 
     with study_console(spec.name) as progress:
         r = run_ablation(grid, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
-                         retrain_phi=retrain_phi, verbose=verbose)
+                         num_gpus=num_gpus, retrain_phi=retrain_phi, verbose=verbose)
     _report_study(r)
 
 
@@ -224,6 +227,7 @@ def tune(
     address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Search hyper-parameters with Optuna under Ray Tune (TPE; NSGA-II for two objectives; optional ASHA)."""
@@ -236,7 +240,7 @@ def tune(
 
     with study_console(spec.name) as progress:
         r = run_search(space, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
-                       verbose=verbose)
+                       num_gpus=num_gpus, verbose=verbose)
     _report_study(r)
 
 
@@ -245,6 +249,7 @@ def resume(
     study: Path = typer.Argument(..., help="A study directory (OUT/<name>) of an interrupted `taalm ablate`."),
     address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Resume an interrupted ablation: finished trials are kept, the others continue from their checkpoints."""
@@ -258,7 +263,7 @@ def resume(
 
     with study_console(s.name) as progress:
         r = run_ablation(s.source, s.overrides, s.out_root, address, s.tracking_uri, progress=progress,
-                         num_cpus=num_cpus, resume=True, verbose=verbose)
+                         num_cpus=num_cpus, num_gpus=num_gpus, resume=True, verbose=verbose)
     _report_study(r)
 
 

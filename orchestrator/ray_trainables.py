@@ -117,12 +117,12 @@ class TrialSession(Callback):
     * once per resumed attempt: the reports before the checkpoint (``restored``), in case the driver died before
       it logged them (the tracking callback fills in only what MLflow is missing)."""
 
-    def __init__(self, spec: TrialSpec, session):
+    def __init__(self, spec: TrialSpec, session, placement: Optional[dict] = None):
         self.session, self.budget, self.fault = session, spec.resources.time_budget_s, spec.inject_fault
         self.started = time.monotonic()
         self.resumed_from: Optional[int] = None
         self.kind, self.reported = "epoch", None  # the loop's report kind, the last index reported in this attempt
-        self.once: dict = {}
+        self.once: dict = {"placement": placement} if placement else {}  # where it runs: with the first report
 
     def on_start(self, info: dict) -> None:
         self.resumed_from = info.get("resumed_from")
@@ -151,6 +151,7 @@ class TrialSession(Callback):
                                                       else {}))
         if "restored" in self.once:
             metrics["restored"] = self.once.pop("restored")
+        metrics.update(self.once.pop("placement", {}))
         if r.checkpoint_dir and self.session.rank == 0:
             # the reported directory holds "checkpoint/", so a restore lands where the loop looks
             with tempfile.TemporaryDirectory() as staging:
@@ -160,23 +161,54 @@ class TrialSession(Callback):
             self.session.report(metrics)
 
 
+def placed_device(spec: TrialSpec) -> tuple[str, dict]:
+    """The device a trial runs on, as Ray placed it, and what to record about it: with ``gpus_per_worker`` > 0,
+    the GPU Ray assigned (``CUDA_VISIBLE_DEVICES`` set by Ray: it is cuda:0 here, shared with the other trials
+    packed on it when the request is fractional), or the CPU with the reason when this process has no CUDA; with
+    no GPU asked for, ``device: auto`` means the CPU (Ray leaves the node's GPUs visible to every process)."""
+    import logging
+
+    import ray
+
+    device = spec.config.get("device", "auto")
+    res = spec.resources
+    if res.gpus_per_worker <= 0:
+        if device == "auto":
+            return "cpu", {"device": "cpu"}
+        return device, {"device": device}
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    placed = {"gpu_ids": ",".join(ids), "gpu_share": res.gpus_per_worker}
+    if device == "cpu":
+        return device, {**placed, "device": "cpu", "device_note": "device: cpu in the config"}
+    if torch.cuda.is_available():
+        return device, {**placed, "device": "cuda" if device == "auto" else device}
+    why = "a CPU build" if torch.version.cuda is None else "no CUDA device or driver visible"
+    note = (f"Ray assigned GPU {','.join(ids) or '?'} ({res.gpus_per_worker:g} of it) but this process has no CUDA "
+            f"(torch {torch.__version__}: {why}): running on the CPU")
+    logging.getLogger(__name__).warning(note)
+    return "cpu", {**placed, "device": "cpu", "device_note": note}
+
+
 def _run_loop(spec: TrialSpec, session, out: Path) -> None:
-    """The loop of ``spec.kind`` in ``out`` (its checkpoint restored there first), reporting through ``session``."""
+    """The loop of ``spec.kind`` in ``out`` (its checkpoint restored there first), on the device Ray placed it
+    on, reporting through ``session``."""
     _restore_into(session, out, "checkpoint")
-    callbacks = [TrialSession(spec, session)]
+    device, placement = placed_device(spec)
+    config = dict(spec.config, device=device)
+    callbacks = [TrialSession(spec, session, placement)]
     if spec.kind == "continual":
         from trainables.config import RunConfig
         from trainables.continual import continual_update
 
-        continual_update(RunConfig.model_validate(spec.config), out_dir=out, callbacks=callbacks)
+        continual_update(RunConfig.model_validate(config), out_dir=out, callbacks=callbacks)
     elif spec.kind == "meta":
         from trainables.meta import MetaConfig, meta_train
 
-        meta_train(MetaConfig.model_validate(spec.config), out_dir=out, callbacks=callbacks)
+        meta_train(MetaConfig.model_validate(config), out_dir=out, callbacks=callbacks)
     else:
         from trainables.temporalwiki import TemporalWikiConfig, temporalwiki_run
 
-        temporalwiki_run(TemporalWikiConfig.model_validate(spec.config), out_dir=out, callbacks=callbacks)
+        temporalwiki_run(TemporalWikiConfig.model_validate(config), out_dir=out, callbacks=callbacks)
 
 
 def loop_worker(spec: TrialSpec, session) -> None:
@@ -240,7 +272,7 @@ def trial_resources(res, kind: str = "continual"):
     deadlock 2 trials on 2 cores)."""
     from ray import tune
 
-    if res.runs_lean() or kind == "meta":
+    if res.runs_lean() or kind == "meta":  # a fractional GPU packs several trials on one GPU
         return tune.PlacementGroupFactory([{"CPU": res.cpus_per_worker,
                                             **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}])
     return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1024 ** 2}])

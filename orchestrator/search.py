@@ -177,7 +177,7 @@ def label_of(sampled: dict) -> str:
 
 def run_search(path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
-               num_cpus: Optional[int] = None, verbose: bool = False) -> dict:
+               num_cpus: Optional[int] = None, verbose: bool = False, num_gpus: Optional[float] = None) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -192,7 +192,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     uri = tracking_uri or default_tracking_uri(study_dir)
     StudyRecord(kind="search", name=spec.name, source=str(Path(path).resolve()), overrides=overrides or [],
                 tracking_uri=uri, out_root=str(Path(out_root).resolve())).write(study_dir)
-    study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose)
+    study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose, num_gpus)
     first = spec.objectives[0]
     # the MLflow UI's view of the trials: summary metrics, then the searched keys and the seed, sorted by the
     # first objective when it is a summary metric

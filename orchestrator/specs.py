@@ -40,6 +40,20 @@ class Resources(BaseModel):
     # next (0: every trial reads them again)
     keep_weights_gb: float = Field(2.0, ge=0)
 
+    @model_validator(mode="after")
+    def _gpu_shares(self):
+        from trainables.config import ConfigKeyError
+
+        g = self.gpus_per_worker
+        if g > 1 and g != int(g):
+            raise ConfigKeyError(("gpus_per_worker",), f"{g:g} GPUs: above one GPU a worker takes whole GPUs")
+        if 0 < g < 1 and not self.runs_lean():
+            raise ConfigKeyError(("gpus_per_worker",), f"a fraction of a GPU ({g:g}) packs several trials on one "
+                                                       "GPU: only for single-worker lean trials (resources.workers "
+                                                       "1, resources.lean true); Ray Train's workers each need a "
+                                                       "GPU of their own for NCCL")
+        return self
+
     def meta_cpu_count(self) -> float:
         return self.meta_cpus or self.cpus_per_worker * self.workers * self.max_concurrent
 

@@ -28,9 +28,10 @@ def _keep_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+def init_ray(address: Optional[str], num_cpus: Optional[int] = None, num_gpus: Optional[float] = None) -> None:
     """Attach to a Ray cluster (``address``), or start a local instance bound to 127.0.0.1 only (GCS,
-    raylets, workers; no dashboard)."""
+    raylets, workers; no dashboard) with ``num_cpus`` / ``num_gpus`` (default: detected; GPUs given on a machine
+    without them are logical: trials are placed on them and run on the CPU, saying so)."""
     import ray
 
     if ray.is_initialized():
@@ -49,12 +50,12 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None) -> None:
     else:
         _keep_loopback()
         # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
 
 
 def start_study(study_dir: Path, uri: str, name: str, protocol: str, address: Optional[str],
-                num_cpus: Optional[int], verbose: bool) -> Study:
+                num_cpus: Optional[int], verbose: bool, num_gpus: Optional[float] = None) -> Study:
     """Ray and the study's MLflow side start side by side: MLflow's import and the store (found, or created)
     in a thread while Ray's processes come up; both after the console is set up."""
     import threading
@@ -74,7 +75,7 @@ def start_study(study_dir: Path, uri: str, name: str, protocol: str, address: Op
     t = threading.Thread(target=mlflow_side, name="taalm-mlflow-start", daemon=True)
     t.start()
     try:
-        init_ray(address, num_cpus)
+        init_ray(address, num_cpus, num_gpus)
     finally:
         t.join()
     if "error" in box:
@@ -263,7 +264,7 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
 def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                  address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
                  num_cpus: Optional[int] = None, resume: bool = False, retrain_phi: bool = False,
-                 verbose: bool = False) -> dict:
+                 verbose: bool = False, num_gpus: Optional[float] = None) -> dict:
     """Run (or resume) an ablation grid; ``progress``: a Tune callback, e.g. the CLI's
     :class:`~orchestrator.console.StudyConsole` (told each stage's trials through ``expect``)."""
 
@@ -281,7 +282,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 overrides=overrides or [], tracking_uri=uri, out_root=str(Path(out_root).resolve()),
                 baseline=spec.baseline,
                 trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
-    study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose)
+    study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose, num_gpus)
     # the MLflow UI's view of the trials: summary metrics, then what the grid varies and the seed
     study.save_trials_view(list(dict.fromkeys(k for t in trials for k in t.overrides)) + ["seed"])
     if meta_cfg is not None:

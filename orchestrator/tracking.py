@@ -24,7 +24,8 @@ from trainables.loop import UNIT
 
 SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge", "avg_changed_ppl", "avg_unchanged_ppl")
 CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "changed_ppl",
-          "unchanged_ppl")
+          "unchanged_ppl", "micro_batch_size")
+PLACEMENT = ("node_id", "pid", "device", "gpu_ids", "gpu_share", "device_note")  # tagged once per driver
 CHECKS = ("val_acc", "object_weight_ratio", "object_weight_share", "uniform_share")  # meta-training's checks
 
 
@@ -336,9 +337,11 @@ class MlflowTrials(tune.Callback):
                 if isinstance(result["per_fact"].get(name), list):
                     pf[name][step] = result["per_fact"][name]
         if isinstance(result.get("node_id"), str) and key not in self.placed:
-            self.placed.add(key)
-            self.study.client.set_tag(rid, "taalm.node_id", result["node_id"])
-            self.study.client.set_tag(rid, "taalm.pid", str(result.get("pid")))
+            self.placed.add(key)  # where it runs: node, process, device (a GPU Ray assigned, or why the CPU)
+            from mlflow.entities import RunTag
+
+            self.study.client.log_batch(rid, tags=[RunTag(f"taalm.{k}", str(result[k])) for k in PLACEMENT
+                                                   if result.get(k) not in (None, "")])
         resumed = result.get("resumed_from")
         if isinstance(resumed, (int, float)) and resumed >= 0 and self.resumed.get(key) != resumed:
             # an attempt that continued from a checkpoint (a retry or `taalm resume`)

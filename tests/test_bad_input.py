@@ -279,6 +279,25 @@ CASES = [
     Case("run: negative epochs", "out of range", RUN,
          [f"cfg.yaml:{line_of(RUN_TEXT, '  epochs:')} (train.epochs)", "greater than or equal to 0"],
          run_case(RUN_TEXT.replace("  epochs: 3", "  epochs: -1"))),
+    Case("run: precision fp16", "wrong type", RUN_TINY + ["--set", "train.precision=fp16"],
+         ["--set train.precision", "'fp32' or 'bf16'"]),
+    Case("run: oom policy", "wrong type", RUN_TINY + ["--set", "train.oom=retry"], ["--set train.oom", "halve_batch"]),
+    Case("run: attention kernel", "wrong type", RUN_TINY + ["--set", "model.attention=flash"],
+         ["--set model.attention", "'eager' or 'sdpa'"]),
+    Case("run: micro-batch 0", "out of range", RUN_TINY + ["--set", "train.micro_batch_size=0"],
+         ["--set train.micro_batch_size", "greater than or equal to 1"]),
+    Case("run: SEEKR with fused attention", "out of range",
+         RUN_TINY + ["--set", "replay.kind=seekr", "--set", "model.attention=sdpa"],
+         ["--set model.attention", "SEEKR distils attention maps"]),
+    Case("meta-train: fused attention", "out of range", META_TRAIN + ["--set", "model.attention=sdpa"],
+         ["--set model.attention", "second order", "eager"]),
+    Case("grid: a GPU fraction for Ray Train workers", "out of range", ABLATE,
+         ["(resources.gpus_per_worker)", "only for single-worker lean trials"],
+         grid("name: g\nbase: BASE\nresources: {workers: 2, gpus_per_worker: 0.5}\n")),
+    Case("grid: 1.5 GPUs", "out of range", ABLATE, ["(resources.gpus_per_worker)", "whole GPUs"],
+         grid("name: g\nbase: BASE\nresources: {gpus_per_worker: 1.5}\n")),
+    Case("ablate: --num-gpus -1", "out of range", ["ablate", str(SMOKE), "--out", "{T}/studies", "--num-gpus", "-1"],
+         ["'--num-gpus'"]),
     Case("run: --set batch size 0", "out of range", RUN_TINY + ["--set", "train.batch_size=0"],
          ["--set train.batch_size", "greater than or equal"]),
     Case("run: --set negative lr", "out of range", RUN_TINY + ["--set", "train.lr=-1"], ["--set train.lr"]),
@@ -484,7 +503,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 119
+N_CASES = 128
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 

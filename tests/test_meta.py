@@ -422,3 +422,22 @@ def test_meta_training_resumed_with_more_steps_trains_on(tmp_path, straight_thro
     assert len(short["objective"]) == 3 and longer["objective"] == full["objective"]
     with pytest.raises(InputError, match="different configuration"):
         meta_train(_meta_cfg("meta.steps=9", "meta.lr=0.5"), out_dir=tmp_path / "m")
+
+
+@pytest.mark.parametrize("batching", ["vmap", "sequential"])
+def test_meta_gradient_under_bf16_autocast_stays_close_to_fp32(batching):
+    """meta.precision: bf16 autocasts θ's and φ's forward passes inside the meta-step; the first- and
+    second-order gradients flow through autocast's casts. On `tiny`: the objective within 2 % of fp32's and the
+    φ-gradient's direction within cosine 0.98 (both passes from the same φ, no dropout)."""
+    from trainables.meta import prepare_meta
+
+    s = prepare_meta(_meta_cfg("phi.params.dropout=0.0", f"meta.batching={batching}"))
+    batch = s.train[:4]
+    o32, g32 = meta_gradient(s.inner, s.phi, batch)
+    s.inner.opts = s.inner.opts.model_copy(update={"precision": "bf16"})
+    o16, g16 = meta_gradient(s.inner, s.phi, batch)
+    assert s.inner.batching_off is None
+    assert o16 == pytest.approx(o32, rel=0.02) and o16 != o32
+    a = torch.cat([g32[k].flatten() for k in g32])
+    b = torch.cat([g16[k].flatten() for k in g32])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98

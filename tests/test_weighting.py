@@ -244,7 +244,8 @@ def test_rho1_release_table_is_the_initial_models_probabilities_padded_on_the_ri
 
 def test_rho1_release_loss_in_train_step_is_sum_nll_w_over_k_real_tokens(tiny_cfg):
     """The loop divides by the scheme's normaliser: Σ_t nll_t·w_t / (k · real positions), mean over sequences."""
-    from trainables.continual import prepare_run, train_step
+    from trainables.continual import prepare_run
+    from trainables.step import train_step
     from trainables.weighting import index_as_rank, target_probs
 
     setup = prepare_run(tiny_cfg("weighting.scheme=rho1", "weighting.rho1.selection=release", "weighting.rho1.k=0.5",

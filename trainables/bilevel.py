@@ -83,9 +83,23 @@ class Inner:
 
     # ---- losses: a batch [B, T] at one parameter dict, and one example [T] (what vmap wraps) ----
 
+    def autocast(self, device):
+        """``meta.precision`` over a forward pass (trainables/step.py: autocast)."""
+        from .step import autocast
+
+        return autocast(device, getattr(self.opts, "precision", "fp32"))
+
     def nll(self, params: Params, ids, mask) -> torch.Tensor:
-        logits = functional_call(self.model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
+        with self.autocast(ids.device):
+            logits = functional_call(self.model, params, args=(),
+                                     kwargs={"input_ids": ids, "attention_mask": mask}).logits
         return token_nll(logits, ids, mask)
+
+    def phi_weights(self, phi: TrainAttention, ids, mask) -> torch.Tensor:
+        """φ's weights of documents [B, T] in θ's dtype, under ``meta.precision``."""
+        with self.autocast(ids.device):
+            w = phi.weights(ids, mask)
+        return w.to(self.dtype)
 
     def doc_loss(self, params: Params, ids, mask, w) -> torch.Tensor:
         """L_w over a batch of documents (mean over sequences), θ at ``params``."""
@@ -198,7 +212,7 @@ def _sequential_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[Meta
     objs = []
     for i, ex in enumerate(batch):
         ids, mask = ex.doc["input_ids"][0], ex.doc["attention_mask"][0]
-        w = phi.weights(ex.doc["input_ids"], ex.doc["attention_mask"]).to(inner.dtype)[0]
+        w = inner.phi_weights(phi, ex.doc["input_ids"], ex.doc["attention_mask"])[0]
         params, state = inner.initial()
         params, _ = inner.adapt(params, state, lambda p, ww: inner.doc_loss_one(p, ids, mask, ww), w,
                                 inner.opts.dummy_loop, inner.opts.inner_steps)
@@ -225,7 +239,7 @@ def _batched_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExa
     for i in range(0, len(batch), size):
         group = batch[i:i + size]
         docs, probes = collate_docs(group, pad_id), collate_probes(group, pad_id)
-        w = phi.weights(docs["input_ids"], docs["attention_mask"]).to(inner.dtype)
+        w = inner.phi_weights(phi, docs["input_ids"], docs["attention_mask"])
         params = inner.adapt_to(docs["input_ids"], docs["attention_mask"], w)
         base = torch.zeros_like(probes["targets"], dtype=w.dtype)  # θ_0's probe NLL (change3 / change2 only)
         if inner.opts.objective != "phi_loss":

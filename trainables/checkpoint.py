@@ -102,7 +102,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
     """torch's CPU generator, and every CUDA device's when CUDA is in use (dropout on a GPU draws from those)."""
     out = {"torch": torch.random.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -111,7 +111,7 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def _set_rng(rng: dict[str, torch.Tensor]) -> None:
+def set_rng_state(rng: dict[str, torch.Tensor]) -> None:
     torch.random.set_rng_state(rng["torch"])
     cuda = sorted((int(k[5:]), v) for k, v in rng.items() if k.startswith("cuda_"))
     if cuda and torch.cuda.is_available() and len(cuda) <= torch.cuda.device_count():
@@ -128,7 +128,7 @@ def save_loop_checkpoint(directory: Path, trainable: dict[str, torch.Tensor], op
             save_file({k: v.detach().contiguous().cpu().clone() for k, v in extra.items()}, str(tmp / EXTRA))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(opt_tensors, str(tmp / FILES[1]))
-        save_file(_rng_tensors(), str(tmp / FILES[2]))
+        save_file(rng_state(), str(tmp / FILES[2]))
         py_state = random.getstate()
         full = dict(state, optimizer=opt_meta, python_rng=[py_state[0], list(py_state[1]), py_state[2]])
         with open(tmp / FILES[3], "w") as fh:
@@ -161,7 +161,7 @@ def load_loop_checkpoint(directory: Path, trainable: dict[str, torch.nn.Paramete
                 raise InputError(str(directory / FILES[0]), f"shape mismatch for {k}")
             p.copy_(params[k])
     optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state.pop("optimizer")))
-    _set_rng(rng)
+    set_rng_state(rng)
     py = state.pop("python_rng")
     random.setstate((py[0], tuple(py[1]), py[2]))
     return state

@@ -45,6 +45,9 @@ class ModelConfig(_Strict):
     init_seed: int = 0  # seeds the random initialisation of `tiny`
     allow_download: bool = False  # let transformers fetch a hub id (off: local files only)
     tiny: TinyModelConfig = TinyModelConfig()
+    # eager (the default: every result so far, and second-order gradients on CPU need it) or sdpa (PyTorch's fused
+    # scaled-dot-product attention: faster, first-order only; not for meta-training's θ nor SEEKR's attention maps)
+    attention: Literal["eager", "sdpa"] = "eager"
 
 
 class KAdapterOptions(_Strict):
@@ -91,6 +94,17 @@ class TrainConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     max_length: int = Field(512, ge=8)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    # the forward passes' precision (training and evaluation): fp32, or bf16 autocast (weights, gradients and the
+    # optimizer stay fp32); trainables/step.py
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # batches of documents of similar length (less padding): a different, equally seeded order of the same
+    # documents; off for runs with replay (replayed documents of any length join every batch)
+    group_by_length: bool = False
+    # gradient accumulation: a batch in micro-batches of at most this many documents (the same update)
+    micro_batch_size: Optional[int] = Field(None, ge=1)
+    # a CUDA out-of-memory inside a step: fail (naming the size that did not fit) or halve the micro-batch and
+    # run the step again (recorded in metrics.json: oom_events)
+    oom: Literal["fail", "halve_batch"] = "fail"
 
 
 class Rho1Options(_Strict):
@@ -271,6 +285,13 @@ class RunConfig(_Strict):
                                  f"the release-style reference table pads each document to table_length tokens; it "
                                  f"must hold the longest training document, train.max_length = {self.train.max_length} "
                                  f"(here {w.rho1.table_length})")
+        return self
+
+    @model_validator(mode="after")
+    def _attention_maps_need_eager(self):
+        if self.model.attention != "eager" and self.replay.kind == "seekr":
+            raise ConfigKeyError(("model", "attention"), "SEEKR distils attention maps, which only the eager attention "
+                                                         "returns: model.attention must be eager with replay.kind seekr")
         return self
 
     @field_validator("device")

@@ -26,14 +26,15 @@ from .data import LamaCKL, Split, load_lama
 from .encode import EncodedDoc, collate, encode_documents, encode_probes
 from .errors import InputError
 from .loop import Callback, Report, check_resumable
-from .loss import EPS, token_nll, weighted_loss
+from .loss import token_nll
 from .metrics import EncodedProbe, mean, probe_scores, summarize
 from .models import load_tokenizer
 from .regularizers import Regularizer, build_regularizer
 from .replay import Replay, build_replay
 from .tailor import build_split
+from .step import MicroBatching, autocast, epoch_batches, train_step
 from .theta import Theta, build_theta, resolve_device
-from .weighting import Composite, SchemeEnv, WeightContext, build_weighting
+from .weighting import Composite, SchemeEnv, build_weighting
 
 
 @dataclass
@@ -146,7 +147,8 @@ def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
         n = len(probes)
         lo = n * dp.rank // dp.world if dp else 0
         mine = dp.shard(probes) if dp else probes
-        scores = probe_scores(setup.model, mine, setup.pad_id, bs, setup.device) if mine else []
+        with autocast(setup.device, setup.cfg.train.precision):
+            scores = probe_scores(setup.model, mine, setup.pad_id, bs, setup.device) if mine else []
         per_fact = torch.zeros(2, n, dtype=torch.float64)  # accuracy, exact match; each rank fills its shard
         if scores:
             per_fact[:, lo:lo + len(scores)] = torch.tensor(scores, dtype=torch.float64).T
@@ -158,73 +160,8 @@ def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
     return out
 
 
-def epoch_batches(n: int, batch_size: int, order_seed: int) -> list[list[int]]:
-    """The batches of one epoch: a permutation of ``n`` documents seeded by ``order_seed`` (from trainables/seeds.py),
-    cut into batches."""
-    g = torch.Generator().manual_seed(order_seed)
-    perm = torch.randperm(n, generator=g).tolist()
-    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def train_step(setup: RunSetup, optimizer, batch_docs: list[EncodedDoc], generator,
-               dp: Optional[DataParallel] = None, *, replay_round: int, step: int) -> tuple[float, float, int]:
-    """One weighted update on a global batch (this worker's shard of it under data parallelism), with
-    the replay method's documents mixed in and every component's extra loss added. ``replay_round`` and
-    ``step`` key the replayed documents' draw: the epoch in a continual run, ``seeds.period_round(period,
-    epoch)`` in TemporalWiki (so every epoch of a period replays its own documents).
-    Returns (loss, mean weight over real positions of the new documents, number of real tokens), all global."""
-    replayed = setup.replay.sample(len(batch_docs), replay_round, step)
-    n_global = len(batch_docs) + len(replayed)
-    mine_new = dp.shard(batch_docs) if dp else batch_docs
-    mine_rep = dp.shard(replayed) if dp else replayed
-    mine = mine_new + mine_rep
-    optimizer.zero_grad(set_to_none=True)
-    stats = torch.zeros(4, dtype=torch.float64)  # loss, Σw (new docs), real positions (new docs), real tokens
-    if mine:
-        batch = {k: v.to(setup.device) for k, v in collate(mine, setup.pad_id).items()}
-        rep = setup.replay
-        out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=rep.needs_hidden, output_attentions=rep.needs_attentions)
-        nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
-        ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
-                            logits=out.logits.detach() if setup.weighting.needs_logits else None,
-                            object_mask=batch["object_mask"], generator=generator)
-        w, den = setup.weighting.weights_and_normaliser(ctx)  # den: None unless a scheme normalises itself
-        w = w.to(nll.device)
-        replay_rows = torch.zeros(len(mine), dtype=torch.bool, device=nll.device)
-        replay_rows[len(mine_new):] = True
-        batch["replay_rows"] = replay_rows
-        if mine_rep:  # replayed documents are trained with the plain LM loss
-            w = torch.where(replay_rows.unsqueeze(1), ctx.pred_mask.to(w.dtype), w)
-            if den is not None:  # ... normalised by Σw
-                den = torch.where(replay_rows, w.to(nll.dtype).sum(dim=1) + EPS, den.to(nll.device, nll.dtype))
-        # the global loss is a mean over the global batch's sequences: scale this shard's mean
-        loss = weighted_loss(nll, w, den) * (len(mine) / n_global)
-        # the replay term is a mean over the replayed documents: this shard's share of it; a regulariser's
-        # term is one per step, and the workers' gradients are summed
-        extra = setup.replay.extra_loss(setup, out, batch)
-        if extra is not None:
-            loss = loss + extra * (len(mine_rep) / max(len(replayed), 1))
-        extra = setup.regularizer.extra_loss(setup, out, batch)
-        if extra is not None:
-            loss = loss + extra / (dp.world if dp else 1)
-        loss.backward()
-        new_mask = ctx.pred_mask[~replay_rows]
-        stats += torch.tensor([loss.item(), w[~replay_rows].sum().item(), new_mask.sum().item(),
-                               ctx.pred_mask.sum().item()], dtype=torch.float64)
-    if dp:
-        for p in setup.trainable.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dp.all_reduce_(p.grad)
-        dp.all_reduce_(stats)
-    if setup.cfg.train.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(list(setup.trainable.values()), setup.cfg.train.max_grad_norm)
-    optimizer.step()
-    return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[3].item())
-
-
-RESUME_IGNORED = ("train.epochs", "checkpoint.every")  # a resumed run may train longer, checkpoint differently
+# a resumed run may train longer, checkpoint differently, split its batches differently (the same update)
+RESUME_IGNORED = ("train.epochs", "checkpoint.every", "train.micro_batch_size", "train.oom")
 CURVE_KEYS = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight")
 
 
@@ -250,6 +187,8 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     ckpt_dir = out / "checkpoint" if out else None
     setup = setup or prepare_run(cfg)
     optimizer = setup.regularizer.optimizer(list(setup.trainable.values()))
+    micro = MicroBatching(cfg.train.oom, cfg.train.batch_size, cfg.train.micro_batch_size)
+    grouping = cfg.train.group_by_length and cfg.replay.kind == "none"
     cfg_dict = config_to_dict(cfg)
 
     history = {k: [] for k in ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight",
@@ -262,12 +201,15 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         start_epoch = state["epoch"] + 1
         wall_before = state["wall_seconds"]
         train_tokens, train_seconds = state["train_tokens"], state["train_seconds"]
+        micro.size, micro.events = state.get("micro_batch_size", micro.size), state.get("oom_events", [])
 
     info = {"n_to_learn": len(setup.split.to_learn), "n_ntf": len(setup.split.ntf),
             **{k: v for c in setup.components() if c is not None for k, v in c.describe().items()},
             "n_trainable_params": sum(p.numel() for p in setup.trainable.values()),
             "split": setup.split.summary(), "data_hash": setup.data_hash, "start_epoch": start_epoch,
             "resumed_from": start_epoch - 1 if start_epoch else None,
+            **({"group_by_length": "on" if grouping else "off: replayed documents of any length join every batch"}
+               if cfg.train.group_by_length else {}),
             # the facts behind *_per_fact, in order
             "to_learn_uuids": [f.uuid for f in setup.split.to_learn], "ntf_uuids": [f.uuid for f in setup.split.ntf],
             # the curves up to the checkpoint this run resumed from (None for a fresh run) ...
@@ -289,11 +231,12 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
                                                               or epoch == cfg.train.epochs):
             save_loop_checkpoint(ckpt_dir, setup.trainable, optimizer, {
                 "epoch": epoch, "history": history, "wall_seconds": wall, "config": cfg_dict,
-                "train_tokens": train_tokens, "train_seconds": train_seconds})
+                "train_tokens": train_tokens, "train_seconds": train_seconds, "micro_batch_size": micro.size,
+                "oom_events": micro.events})
             written = str(ckpt_dir)
         report = Report("epoch", epoch, cfg.train.epochs, {
             "to_learn_acc": ev["to_learn_acc"], "ntf_acc": ev["ntf_acc"], "to_learn_em": ev["to_learn_em"],
-            "ntf_em": ev["ntf_em"], "train_loss": loss, "mean_weight": weight},
+            "ntf_em": ev["ntf_em"], "train_loss": loss, "mean_weight": weight, "micro_batch_size": micro.size},
             summarize(history["to_learn_acc"], history["ntf_acc"]), wall, written,
             {"to_learn": ev["to_learn_per_fact"], "ntf": ev["ntf_per_fact"]})
         for cb in callbacks:
@@ -302,13 +245,16 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     if start_epoch == 0:
         finish_epoch(0, None, None)
         start_epoch = 1
+    lengths = [len(d.input_ids) for d in setup.docs] if grouping else None
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        batches = epoch_batches(len(setup.docs), cfg.train.batch_size, seeds.batch_order(cfg.seed, epoch))
+        batches = epoch_batches(len(setup.docs), cfg.train.batch_size, seeds.batch_order(cfg.seed, epoch), lengths)
         losses, weights, t0 = [], [], time.perf_counter()
         for step, idx in enumerate(batches):
             gen = torch.Generator().manual_seed(seeds.step(cfg.seed, epoch, step))
-            loss, w, n_tok = train_step(setup, optimizer, [setup.docs[i] for i in idx], gen, dp,
-                                        replay_round=epoch, step=step)
+            docs = [setup.docs[i] for i in idx]
+            loss, w, n_tok = micro.run(lambda size: train_step(setup, optimizer, docs, gen, dp, replay_round=epoch,
+                                                               step=step, micro_batch_size=size),
+                                       docs, f"epoch {epoch}, step {step}")
             if not np.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
             losses.append(loss)
@@ -325,6 +271,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         "wall_seconds": wall_before + time.perf_counter() - t_start,
         "train_tokens": train_tokens,
         "train_tokens_per_second": train_tokens / train_seconds if train_seconds else None,
+        **({"oom_events": micro.events} if micro.events else {}),
         **{k: v for k, v in info.items() if k not in ("start_epoch", "resumed_from", "restored")},
         "config": cfg_dict,
     })

@@ -66,6 +66,9 @@ class MetaOptions(_Strict):
     # vmap: examples per vmapped group; the groups' φ-gradients are summed into the meta-batch's mean (the
     # same mathematics; the second-order graph alive at once, hence the peak memory, scales with the group)
     vmap_chunk: Optional[int] = Field(None, ge=1)
+    # the forward passes of θ and φ inside the meta-step and its validation: fp32, or bf16 autocast (the first- and
+    # second-order gradients flow through autocast's casts; parameters and optimizers stay fp32)
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @field_validator("inner_optimizer")
     @classmethod
@@ -85,6 +88,17 @@ class MetaConfig(_Strict):
     # meta-examples from a JSON-lines file of {text, subject, relation, object} (e.g. TemporalWiki) instead of
     # the tailored LAMA-CKL Train-Attention pool; the probe is the schematic "Guess the object" sentence
     records: Optional[str] = None
+
+    @field_validator("model")
+    @classmethod
+    def _second_order_needs_eager(cls, v: ModelConfig) -> ModelConfig:
+        if v.attention != "eager":
+            from .config import ConfigKeyError
+
+            raise ConfigKeyError(("attention",), "meta-training differentiates through θ's update (second order): "
+                                                 "model.attention must be eager (PyTorch's fused attention kernels "
+                                                 "have no double backward)")
+        return v
 
 
 # how long φ trains and how it is computed may change on resume; what it learns may not

@@ -9,8 +9,8 @@ Presets (``model.name``):
 * ``hf:<id or path>`` or a local directory: any causal LM ``transformers`` can load. Hub ids are only
   fetched when ``model.allow_download`` is true; by default only local files are used.
 
-Attention is the "eager" implementation everywhere: second-order gradients (Train-Attention
-meta-learning) need it on CPU.
+Attention is the "eager" implementation unless ``model.attention: sdpa`` asks for PyTorch's fused kernel:
+second-order gradients (Train-Attention meta-learning) need eager on CPU.
 """
 
 from __future__ import annotations
@@ -183,12 +183,19 @@ def load_base_model(cfg: ModelConfig, tokenizer, load_kwargs: dict | None = None
 
     key = model_key(cfg)
     if not load_kwargs and key in _KEPT:
-        return copy.deepcopy(_KEPT[key])
+        return _with_attention(copy.deepcopy(_KEPT[key]), cfg.attention)
     model = _load_base_model(cfg, tokenizer, load_kwargs)
     if not load_kwargs and _keep_bytes:
         size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         if size <= _keep_bytes:
             _KEPT[key] = copy.deepcopy(model)
+    return _with_attention(model, cfg.attention)
+
+
+def _with_attention(model, attention: str):
+    """Base models load with eager attention; ``model.attention: sdpa`` switches to PyTorch's fused kernel."""
+    if attention != "eager":
+        model.set_attn_implementation(attention)
     return model
 
 

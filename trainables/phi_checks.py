@@ -69,13 +69,14 @@ def validate_phi(inner: Inner, phi: TrainAttention, examples: Sequence[MetaExamp
         for i in range(0, len(docs), o.val_batch_size):
             b = {k: v.to(device) for k, v in collate(docs[i:i + o.val_batch_size], tokenizer.pad_token_id).items()}
             with torch.no_grad():
-                w = phi.weights(b["input_ids"], b["attention_mask"])
+                w = inner.phi_weights(phi, b["input_ids"], b["attention_mask"])
             params, state = inner.adapt(params, state,
                                         lambda p, ww: inner.doc_loss(p, b["input_ids"], b["attention_mask"], ww),
-                                        w.to(inner.dtype), first_order=1, differentiable=0)
+                                        w, first_order=1, differentiable=0)
     params = {k: v.detach() for k, v in params.items()}
-    scores = probe_scores(_FunctionalLM(inner.model, params), [ex.probe for ex in examples],
-                          tokenizer.pad_token_id, 32, device)
+    with inner.autocast(device):
+        scores = probe_scores(_FunctionalLM(inner.model, params), [ex.probe for ex in examples],
+                              tokenizer.pad_token_id, 32, device)
     return {"val_acc": mean([a for a, _ in scores]), "val_em": mean([e for _, e in scores]), **focus}
 
 

@@ -203,7 +203,8 @@ def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = No
     """Train through the periods in order (θ carries over); evaluate after each, checkpoint (OUT/checkpoint)
     and report (kind "period"). Resumes after the last checkpointed period. Writes OUT/metrics.json."""
     from .checkpoint import load_loop_checkpoint, save_loop_checkpoint
-    from .continual import DataParallel, epoch_batches, train_step
+    from .continual import DataParallel
+    from .step import MicroBatching, autocast, epoch_batches, train_step
     from .loop import Report, check_resumable
 
     t_start = time.perf_counter()
@@ -214,6 +215,7 @@ def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = No
     setup = setup or prepare_temporalwiki(cfg)
     run, model, pad = setup.run, setup.run.model, setup.run.pad_id
     optimizer = run.regularizer.optimizer(list(run.trainable.values()))
+    micro = MicroBatching(cfg.train.oom, cfg.train.batch_size, cfg.train.micro_batch_size)
     cfg_dict = config_to_dict(cfg)
     results: list[dict] = []
     wall_before = 0.0
@@ -234,14 +236,19 @@ def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = No
             batches = epoch_batches(len(period["docs"]), cfg.train.batch_size, seeds.period_batch_order(cfg.seed, i, e))
             for step, idx in enumerate(batches):
                 gen = torch.Generator().manual_seed(seeds.period_step(cfg.seed, i, e, step))
-                loss, _, _ = train_step(run, optimizer, [period["docs"][j] for j in idx], gen, dp,
-                                        replay_round=seeds.period_round(i, e), step=step)
+                docs = [period["docs"][j] for j in idx]
+                loss, _, _ = micro.run(lambda size: train_step(run, optimizer, docs, gen, dp,
+                                                               replay_round=seeds.period_round(i, e), step=step,
+                                                               micro_batch_size=size),
+                                       docs, f"period {period['name']}, epoch {e}, step {step}")
                 losses.append(loss)
                 for cb in callbacks:
                     cb.on_step(i, step, len(batches), loss)
+        with autocast(run.device, cfg.train.precision):
+            ppl = {k: object_perplexity(model, period[k], pad, tw.eval_batch_size, run.device)
+                   for k in ("changed", "unchanged")}
         res = {"period": period["name"], "index": i, "train_loss": mean(losses),
-               "changed_ppl": object_perplexity(model, period["changed"], pad, tw.eval_batch_size, run.device),
-               "unchanged_ppl": object_perplexity(model, period["unchanged"], pad, tw.eval_batch_size, run.device),
+               "changed_ppl": ppl["changed"], "unchanged_ppl": ppl["unchanged"],
                "n_docs": len(period["docs"]), "n_changed": len(period["changed"]),
                "n_unchanged": len(period["unchanged"])}
         results.append(res)

@@ -1,0 +1,178 @@
+"""One optimisation step of θ and the batches of an epoch: what the continual loop and TemporalWiki share.
+
+* :func:`epoch_batches`: the seeded order of an epoch's documents, optionally grouped by length
+  (``train.group_by_length``: fewer padding tokens; a different, equally seeded order).
+* :func:`train_step`: one weighted update on a global batch, in micro-batches when asked
+  (``train.micro_batch_size``: gradient accumulation; the batch's loss is the same mean over its sequences), under
+  ``train.precision`` (``bf16``: autocast of the forward passes, fp32 weights and optimizer).
+* :class:`MicroBatching`: ``train.oom``: a CUDA out-of-memory inside a step either fails the run with the size that
+  did not fit (``fail``) or retries the step in micro-batches of half the size (``halve_batch``), recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+
+from .encode import EncodedDoc, collate
+from .loss import EPS, token_nll, weighted_loss
+from .weighting import WeightContext
+
+if TYPE_CHECKING:
+    from .continual import DataParallel, RunSetup
+
+log = logging.getLogger(__name__)
+
+
+def autocast(device, precision: str):
+    """The forward passes' precision: ``fp32`` (no autocast: the results of every earlier version, bit for bit) or
+    ``bf16`` (torch.autocast to bfloat16 on the device's type; weights, gradients and optimizer stay fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def epoch_batches(n: int, batch_size: int, order_seed: int, lengths: Optional[Sequence[int]] = None,
+                  window: int = 64) -> list[list[int]]:
+    """The batches of one epoch: a permutation of ``n`` documents seeded by ``order_seed`` (from trainables/seeds.py),
+    cut into batches. With ``lengths``: the permutation is cut into windows of ``window`` batches, each window
+    sorted by document length (stable) and cut into batches, and the batches' order shuffled by the same
+    generator: batches of similar lengths (less padding), every document once, still a seeded order."""
+    g = torch.Generator().manual_seed(order_seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    span = batch_size * window
+    batches = []
+    for i in range(0, n, span):
+        part = sorted(perm[i:i + span], key=lambda j: lengths[j])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[k] for k in order]
+
+
+def _split(docs: list, parts: int) -> list[list]:
+    """``docs`` in ``parts`` contiguous, near-equal pieces (as data parallelism shards a batch)."""
+    n = len(docs)
+    return [docs[n * i // parts:n * (i + 1) // parts] for i in range(parts)]
+
+
+def train_step(setup: "RunSetup", optimizer, batch_docs: list[EncodedDoc], generator,
+               dp: Optional["DataParallel"] = None, *, replay_round: int, step: int,
+               micro_batch_size: Optional[int] = None) -> tuple[float, float, int]:
+    """One weighted update on a global batch (this worker's shard of it under data parallelism), with
+    the replay method's documents mixed in and every component's extra loss added. ``replay_round`` and
+    ``step`` key the replayed documents' draw: the epoch in a continual run, ``seeds.period_round(period,
+    epoch)`` in TemporalWiki (so every epoch of a period replays its own documents).
+
+    ``micro_batch_size``: the shard in micro-batches of at most that many documents, their gradients accumulated:
+    each micro-batch's mean loss is scaled by its share of the global batch, so the update is the whole batch's
+    (the weighted LM loss exactly; replay losses normalised per token, GeRe's and SEEKR's, become per-micro-batch
+    means, as under data parallelism; the random scheme draws its weights micro-batch by micro-batch).
+    Returns (loss, mean weight over real positions of the new documents, number of real tokens), all global."""
+    replayed = setup.replay.sample(len(batch_docs), replay_round, step)
+    n_global = len(batch_docs) + len(replayed)
+    mine_new = dp.shard(batch_docs) if dp else batch_docs
+    mine_rep = dp.shard(replayed) if dp else replayed
+    mine = len(mine_new) + len(mine_rep)
+    parts = max(1, math.ceil(mine / micro_batch_size)) if micro_batch_size and mine else 1
+    optimizer.zero_grad(set_to_none=True)
+    stats = torch.zeros(4, dtype=torch.float64)  # loss, Σw (new docs), real positions (new docs), real tokens
+    for i, (new, rep) in enumerate(zip(_split(mine_new, parts), _split(mine_rep, parts))):
+        if new or rep:
+            stats += _forward_backward(setup, new, rep, n_global, len(replayed), generator, dp, regularize=i == 0)
+    if dp:
+        for p in setup.trainable.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dp.all_reduce_(p.grad)
+        dp.all_reduce_(stats)
+    if setup.cfg.train.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(list(setup.trainable.values()), setup.cfg.train.max_grad_norm)
+    optimizer.step()
+    return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[3].item())
+
+
+def _forward_backward(setup: "RunSetup", new: list[EncodedDoc], rep: list[EncodedDoc], n_global: int,
+                      n_replayed: int, generator, dp, regularize: bool) -> torch.Tensor:
+    """Forward, weights, loss (scaled by these documents' share of the global batch) and backward of one
+    (micro-)batch of new and replayed documents; returns its 4 statistics (one device-to-host copy)."""
+    mine = new + rep
+    batch = {k: v.to(setup.device) for k, v in collate(mine, setup.pad_id).items()}
+    replay = setup.replay
+    with autocast(setup.device, setup.cfg.train.precision):
+        out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=replay.needs_hidden, output_attentions=replay.needs_attentions)
+    nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
+    ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
+                        logits=out.logits.detach() if setup.weighting.needs_logits else None,
+                        object_mask=batch["object_mask"], generator=generator)
+    w, den = setup.weighting.weights_and_normaliser(ctx)  # den: None unless a scheme normalises itself
+    w = w.to(nll.device)
+    replay_rows = torch.zeros(len(mine), dtype=torch.bool, device=nll.device)
+    replay_rows[len(new):] = True
+    batch["replay_rows"] = replay_rows
+    if rep:  # replayed documents are trained with the plain LM loss
+        w = torch.where(replay_rows.unsqueeze(1), ctx.pred_mask.to(w.dtype), w)
+        if den is not None:  # ... normalised by Σw
+            den = torch.where(replay_rows, w.to(nll.dtype).sum(dim=1) + EPS, den.to(nll.device, nll.dtype))
+    # the global loss is a mean over the global batch's sequences: scale this part's mean
+    loss = weighted_loss(nll, w, den) * (len(mine) / n_global)
+    # the replay term is a mean over the replayed documents: this part's share of it; a regulariser's
+    # term is one per step (the first micro-batch carries it), and the workers' gradients are summed
+    extra = replay.extra_loss(setup, out, batch)
+    if extra is not None:
+        loss = loss + extra * (len(rep) / max(n_replayed, 1))
+    extra = setup.regularizer.extra_loss(setup, out, batch) if regularize else None
+    if extra is not None:
+        loss = loss + extra / (dp.world if dp else 1)
+    loss.backward()
+    new_mask = ctx.pred_mask[~replay_rows]
+    return torch.stack([loss.detach().double(), w[~replay_rows].sum().double(), new_mask.sum().double(),
+                        ctx.pred_mask.sum().double()]).cpu()
+
+
+class StepOutOfMemoryError(RuntimeError):
+    """A step that did not fit in the device's memory (``train.oom: fail``, or nothing left to halve)."""
+
+
+class MicroBatching:
+    """The micro-batch size of every step and what a CUDA out-of-memory inside a step does (``train.oom``):
+    ``fail`` raises :class:`StepOutOfMemoryError` naming where and the size that did not fit; ``halve_batch``
+    frees the memory, halves the micro-batch (gradient accumulation, the same update), restores the RNG states the
+    failed attempt consumed and runs the step again; later steps keep the smaller size. ``events`` records each."""
+
+    def __init__(self, policy: str, batch_size: int, micro_batch_size: Optional[int] = None):
+        self.policy, self.batch_size = policy, batch_size
+        self.size = min(micro_batch_size or batch_size, batch_size)
+        self.events: list[dict] = []
+
+    def run(self, fn, docs: Sequence[EncodedDoc], where: str):
+        """``fn(micro_batch_size)``: one step; returns what it returns."""
+        from .checkpoint import rng_state, set_rng_state
+
+        while True:
+            rng = rng_state()
+            failed = None
+            try:
+                return fn(None if self.size >= self.batch_size else self.size)
+            except torch.OutOfMemoryError as e:
+                failed = str(e).splitlines()[0][:200]
+            width = max((len(d.input_ids) for d in docs), default=0)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            what = f"{where}: a micro-batch of {self.size} documents × up to {width} tokens did not fit ({failed})"
+            if self.policy != "halve_batch" or self.size <= 1:
+                raise StepOutOfMemoryError(
+                    f"CUDA out of memory in {what}; " + ("train.oom: halve_batch retries with smaller micro-batches"
+                                                        if self.policy != "halve_batch" else "nothing left to halve"))
+            set_rng_state(rng)
+            smaller = math.ceil(self.size / 2)
+            self.events.append({"where": where, "from": self.size, "to": smaller, "tokens": width, "error": failed})
+            log.warning("CUDA out of memory in %s; the step runs again in micro-batches of %d documents (gradient "
+                        "accumulation: the same update; train.oom: halve_batch)", what, smaller)
+            self.size = smaller
