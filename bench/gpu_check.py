@@ -13,7 +13,8 @@ one runs; the whole check stops at --budget seconds):
 2. ``core``: the Table 9 core rows (Finetune, TAALM with the shipped φ, Oracle) on full LAMA-CKL
    (examples/run_smollm2_full.yaml: 475 TO-LEARN / 132 NOT-TO-FORGET facts, 30 epochs), concurrently on the device;
    GPU time per trial-epoch = the phase's wall time / the epochs all rows completed.
-3. ``bench``: bench/throughput.py (fp32 + eager, bf16 + fused attention) and bench/meta_step.py on the device.
+3. ``bench``: bench/throughput.py (fp32 + eager; bf16 + fused attention; the same under torch.compile) and
+   bench/meta_step.py on the device.
 4. ``table1``: the Table 1 rows (K-Adapter, Mix-review, RecAdam, RHO-1 both ways) at full scale, concurrently,
    with whatever time is left.
 
@@ -245,6 +246,10 @@ class Check:
                 ("throughput_bf16_sdpa", [sys.executable, "bench/throughput.py", "--device", self.device,
                                           "--cases", "tiny/lora" if dry else "smollm2-135m/lora", "--steps",
                                           "2" if dry else "20", "--precision", "bf16", "--attention", "sdpa"]),
+                ("throughput_bf16_sdpa_compiled", [sys.executable, "bench/throughput.py", "--device", self.device,
+                                                   "--cases", "tiny/lora" if dry else "smollm2-135m/lora", "--steps",
+                                                   "2" if dry else "20", "--precision", "bf16", "--attention", "sdpa",
+                                                   "--compile"]),
                 ("meta_step", [sys.executable, "bench/meta_step.py", "--device", self.device, "--model",
                                "tiny" if dry else "smollm2-135m", "--runs", "1", "--repeats", "1" if dry else "3",
                                "--modes", "plain", "meta", "meta_chunked", "--batch", "4" if dry else "8",

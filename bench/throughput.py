@@ -33,7 +33,7 @@ CASES = {
 
 
 def measure(name: str, overrides: list[str], steps: int, batch_size: int, max_length: int, device: str,
-            precision: str, attention: str) -> dict:
+            precision: str, attention: str, compile_model: bool = False) -> dict:
     from trainables.config import load_config
     from trainables.continual import prepare_run
     from trainables.step import train_step
@@ -43,6 +43,8 @@ def measure(name: str, overrides: list[str], steps: int, batch_size: int, max_le
                                          "weighting.scheme=uniform", "params.dropout=0.0", f"device={device}",
                                          f"train.precision={precision}", f"model.attention={attention}"])
     setup = prepare_run(cfg)
+    if compile_model:  # a measurement only (not a training option yet): torch.compile of θ's forward
+        setup.theta.model = torch.compile(setup.theta.model, dynamic=True)
     opt = setup.regularizer.optimizer(list(setup.trainable.values()))
     docs = setup.docs
     batches = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
@@ -57,7 +59,7 @@ def measure(name: str, overrides: list[str], steps: int, batch_size: int, max_le
     context = max(len(d.input_ids) for d in docs)
     flops = train_step_flops(setup.model, setup.trainable, tokens, context)
     return {"case": name, "steps": steps, "batch_size": batch_size, "max_length": max_length, "precision": precision,
-            "attention": attention, "tokens": tokens, "seconds": t["seconds"], "seconds_per_step": t["seconds"] / steps,
+            "attention": attention, "compiled": compile_model, "tokens": tokens, "seconds": t["seconds"], "seconds_per_step": t["seconds"] / steps,
             "tokens_per_second": tokens / t["seconds"], "flops": flops, "flops_per_second": flops["flops"] / t["seconds"],
             **peak_memory_mb(setup.device)}
 
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--attention", choices=["eager", "sdpa"], default="eager")
+    ap.add_argument("--compile", action="store_true", help="torch.compile θ's forward (dynamic shapes) first")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
     args = ap.parse_args()
@@ -81,7 +84,7 @@ def main() -> None:
     results = []
     for name in args.cases:
         r = measure(name, CASES[name], args.steps, args.batch_size, args.max_length, args.device, args.precision,
-                    args.attention)
+                    args.attention, args.compile)
         r["fraction_of_measured_peak"] = r["flops_per_second"] / peak
         if sheet:
             r["fraction_of_datasheet_peak"] = r["flops_per_second"] / sheet["flops"]
