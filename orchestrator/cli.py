@@ -18,6 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual knowledge learning (TAALM and baselines): runs, tailoring, studies.")
 data_app = typer.Typer(no_args_is_help=True, help="LAMA-CKL data: validate, tailor to a model.")
 app.add_typer(data_app, name="data")
+ray_app = typer.Typer(no_args_is_help=True,
+                      help="A local Ray instance kept running between studies (127.0.0.1 only, token authentication): "
+                           "studies started without --address and --num-cpus attach to it instead of starting Ray.")
+app.add_typer(ray_app, name="ray")
 console = Console(stderr=True)
 
 SET_HELP = "Override a config key: dotted.key=value (repeatable)."
@@ -388,6 +392,47 @@ def data_tailor(
     s = split.summary()
     console.print(f"TO-LEARN {s['to_learn']}, NOT-TO-FORGET {s['ntf']}, Train-Attention pool {s['ta_pool']} "
                   f"-> {out / 'split.json'}")
+
+
+@ray_app.command("start")
+def ray_start(
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the instance (default: this machine's)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port of its GCS on 127.0.0.1 (default: a free one)."),
+):
+    """Start a local Ray instance for the studies of this environment (or say where the running one is)."""
+    from orchestrator.local_ray import record_path, start_head
+
+    rec, started = start_head(num_cpus, port)
+    console.print(f"{'started' if started else 'already running'}: local Ray instance at {rec['address']} "
+                  f"({rec['num_cpus']} CPUs, 127.0.0.1 only), recorded in {record_path()}; `taalm ablate` and "
+                  f"`taalm tune` without --address and --num-cpus attach to it; `taalm ray stop` stops it",
+                  highlight=False, soft_wrap=True)
+
+
+@ray_app.command("status")
+def ray_status():
+    """Whether a local Ray instance is recorded and running, and whether studies started here attach to it."""
+    from orchestrator.local_ray import running_head
+
+    rec, why = running_head()
+    if rec is None:
+        console.print(f"no instance to attach to: {why}; studies start a Ray instance of their own",
+                      highlight=False, soft_wrap=True)
+        return
+    console.print(f"running: local Ray instance at {rec['address']} ({rec['num_cpus']} CPUs); studies started here "
+                  f"without --address and --num-cpus attach to it", highlight=False, soft_wrap=True)
+
+
+@ray_app.command("stop")
+def ray_stop():
+    """Stop the local Ray instance `taalm ray start` started (its processes only; no other Ray on this machine)."""
+    from orchestrator.local_ray import record_path, stop_head
+
+    rec = stop_head()
+    if rec is None:
+        console.print(f"no running instance recorded in {record_path()}", highlight=False, soft_wrap=True)
+        return
+    console.print(f"stopped the local Ray instance at {rec['address']}", highlight=False, soft_wrap=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -183,16 +183,20 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     from ray.tune.search.optuna import OptunaSearch
 
     from .ray_trainables import trial_resources
-    from .study import start_study
+    from .study import check_trial_cpus, local_cpus, note_prepared, start_preparing, start_study
     from .tracking import MlflowTrials, default_tracking_uri
 
     spec, base = load_search(path, overrides)  # validated before anything starts
+    cpus = local_cpus(address, num_cpus)  # the local Ray instance's CPUs (None: a cluster)
+    check_trial_cpus(spec.resources, cpus)
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
     StudyRecord(kind="search", name=spec.name, source=str(Path(path).resolve()), overrides=overrides or [],
                 tracking_uri=uri, out_root=str(Path(out_root).resolve())).write(study_dir)
-    study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose)
+    prep = start_preparing([_trial_config(base, {})], None, cpus)
+    study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose, progress)
+    note_prepared(prep, progress)
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     searcher = OptunaSearch(define_by_run(spec), metric=metrics if len(metrics) > 1 else metrics[0],
