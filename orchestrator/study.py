@@ -144,10 +144,19 @@ class Background:
 
 class PendingStudy(Background):
     """The study's MLflow side (a :class:`Study`) being opened in a thread while Ray starts and Tune launches
-    the first trials: using it waits for it (and re-raises its error); pickled (Tune saves its callbacks), it is
-    the Study itself."""
+    the first trials: using it waits for it (and re-raises its error). Pickled (Tune saves its callbacks as
+    soon as it starts, and restores them on `taalm resume`), it is the Study once open, and until then the
+    recipe that opens it again (the same experiment and study run, found by name)."""
 
-    def __init__(self, open_study: Callable[[], Study]):
+    def __init__(self, uri: str, name: str, study_dir: Path, protocol: str, verbose: bool = False):
+        self._recipe = (uri, name, study_dir, protocol)
+
+        def open_study() -> Study:
+            from .console import configure_output
+
+            configure_output(study_dir, verbose, loggers=("mlflow", "alembic", "optuna"))
+            return Study(uri, name, study_dir, protocol)
+
         super().__init__(open_study, "taalm-mlflow-start")
 
     def __getattr__(self, name):
@@ -156,7 +165,9 @@ class PendingStudy(Background):
         return getattr(self.result(), name)
 
     def __reduce__(self):
-        return (_same, (self.result(),))
+        if not self._thread.is_alive() and "value" in self._box:
+            return (_same, (self._box["value"],))
+        return (Study, self._recipe)
 
 
 def _same(x):
@@ -171,12 +182,7 @@ def start_study(study_dir: Path, uri: str, name: str, protocol: str, address: Op
     from .console import configure_output
 
     configure_output(study_dir, verbose, loggers=("ray",))  # before Ray logs anything
-
-    def open_study() -> Study:
-        configure_output(study_dir, verbose, loggers=("mlflow", "alembic", "optuna"))
-        return Study(uri, name, study_dir, protocol)
-
-    study = PendingStudy(open_study)
+    study = PendingStudy(uri, name, study_dir, protocol, verbose)
     how = init_ray(address, num_cpus)
     if hasattr(progress, "note"):
         progress.note(f"Ray: {how}")
