@@ -149,7 +149,9 @@ def continual_worker(spec: TrialSpec, session) -> None:
                 session.report(metrics)
 
     try:
-        continual_update(cfg, out_dir=out, callbacks=[Report()])
+        # the trials of this study that start from the same θ on the same facts evaluate epoch 0 once
+        continual_update(cfg, out_dir=out, callbacks=[Report()],
+                         initial_eval_cache=Path(spec.storage_path) / "initial_eval" if spec.storage_path else None)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
