@@ -167,6 +167,15 @@ def start_head(num_cpus: Optional[int] = None, port: Optional[int] = None, timeo
     return rec, True
 
 
+def _gone(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE  # exited; its parent has not collected it yet
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _stop_process_tree(pid: int, timeout_s: float = 30) -> None:
     import psutil
 
@@ -179,13 +188,19 @@ def _stop_process_tree(pid: int, timeout_s: float = 30) -> None:
         root.send_signal(signal.SIGTERM)  # `ray start --block` stops the instance's processes on SIGTERM
     except psutil.Error:
         pass
-    _, left = psutil.wait_procs(tree, timeout=timeout_s)
-    for p in left:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(left, timeout=10)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(_gone(p) for p in tree):
+        time.sleep(0.1)
+    for p in tree:
+        if not _gone(p):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    try:  # started by this process (the test session's instance): collect it, leave no zombie
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 def stop_head(timeout_s: float = 30) -> Optional[dict]:

@@ -5,6 +5,7 @@ A local `taalm` Ray instance also listens on loopback only."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,13 @@ def test_grid_submitted_with_ray_job_submit(two_nodes, tmp_path):
     cmd = [str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--submission-id", job_id, "--",
            str(bin_dir / "taalm"), "ablate", str(SMOKE), "--address", "auto", "--out", str(tmp_path),
            "--set", "name=job_submit", "--set", "resources.max_concurrent=2"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    for _ in range(10):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        # the job server accepts jobs once a node's agent has registered with it, which on a loaded machine can
+        # come after the nodes are up: it then refuses the submission (creating no job) and asks to try again
+        if "No available agent to submit job" not in p.stdout + p.stderr:
+            break
+        time.sleep(3)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert JobSubmissionClient(dashboard).get_job_status(job_id) == JobStatus.SUCCEEDED
     assert "2 trials, 0 failed" in p.stdout
