@@ -155,7 +155,10 @@ class PendingStudy(Background):
             from .console import configure_output
 
             configure_output(study_dir, verbose, loggers=("mlflow", "alembic", "optuna"))
-            return Study(uri, name, study_dir, protocol)
+            study = Study(uri, name, study_dir, protocol)
+            # the trials' learning-curve figures: matplotlib imported meanwhile, not when the first trial ends
+            Background(_import_pyplot, "taalm-import-pyplot")
+            return study
 
         super().__init__(open_study, "taalm-mlflow-start")
 
@@ -168,6 +171,13 @@ class PendingStudy(Background):
         if not self._thread.is_alive() and "value" in self._box:
             return (_same, (self._box["value"],))
         return (Study, self._recipe)
+
+
+def _import_pyplot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
 
 def _same(x):
