@@ -432,7 +432,8 @@ def ray_stop():
     if rec is None:
         console.print(f"no running instance recorded in {record_path()}", highlight=False, soft_wrap=True)
         return
-    console.print(f"stopped the local Ray instance at {rec['address']}", highlight=False, soft_wrap=True)
+    killed = f" (killed after 15 s without stopping: {', '.join(rec['killed'])})" if rec.get("killed") else ""
+    console.print(f"stopped the local Ray instance at {rec['address']}{killed}", highlight=False, soft_wrap=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -183,14 +183,16 @@ def _gone(p) -> bool:
         return True
 
 
-def _stop_process_tree(pid: int, timeout_s: float = 30) -> None:
+def _stop_process_tree(pid: int, timeout_s: float = 15) -> list[str]:
+    """SIGTERM to ``pid``, whose `ray start --block` stops its instance; then SIGKILL to what is left of its process
+    tree after ``timeout_s`` (Ray's own `ray stop` gives 16 s). Returns the processes that had to be killed."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         tree = [root] + root.children(recursive=True)
     except psutil.Error:
-        return
+        return []
     try:
         root.send_signal(signal.SIGTERM)  # `ray start --block` stops the instance's processes on SIGTERM
     except psutil.Error:
@@ -198,9 +200,11 @@ def _stop_process_tree(pid: int, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not all(_gone(p) for p in tree):
         time.sleep(0.1)
+    killed = []
     for p in tree:
         if not _gone(p):
             try:
+                killed.append(f"{p.name()} ({p.pid})")
                 p.kill()
             except psutil.Error:
                 pass
@@ -208,15 +212,17 @@ def _stop_process_tree(pid: int, timeout_s: float = 30) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+    return killed
 
 
-def stop_head(timeout_s: float = 30) -> Optional[dict]:
-    """Stop the recorded head (only its own processes) and forget it; its record, or None if none ran."""
+def stop_head(timeout_s: float = 15) -> Optional[dict]:
+    """Stop the recorded head (only its own processes) and forget it; its record (with ``killed``: the processes
+    that did not stop on SIGTERM within ``timeout_s``), or None if none ran."""
     rec = read_record()
     if rec is None:
         return None
     proc = _process_of(rec)
     if proc is not None:
-        _stop_process_tree(proc.pid, timeout_s)
+        rec["killed"] = _stop_process_tree(proc.pid, timeout_s)
     record_path().unlink(missing_ok=True)
     return rec if proc is not None else None

@@ -68,7 +68,9 @@ def ray_head():
     try:
         yield rec
     finally:
-        stop_head()
+        stopped = stop_head()
+        if stopped and stopped.get("killed"):  # in the output of the session: what did not stop on SIGTERM
+            print(f"\nthe session's local Ray instance: killed after 15 s: {', '.join(stopped['killed'])}")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ A local `taalm` Ray instance also listens on loopback only."""
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,10 +48,13 @@ def two_nodes():
 
     _keep_loopback()
     dashboard = free_port_number()
+    # each node's dashboard agent on a free port: Ray's default (52365) may be taken by another Ray instance on
+    # the machine (then the head's agent cannot serve, and `ray job submit` answers "No available agent")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+        "dashboard_agent_listen_port": free_port_number()})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", dashboard_agent_listen_port=free_port_number())
     try:
         cluster.wait_for_nodes()
         nodes = {n.node_id for n in cluster.list_all_nodes()}
@@ -114,13 +116,7 @@ def test_grid_submitted_with_ray_job_submit(two_nodes, tmp_path):
     cmd = [str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--submission-id", job_id, "--",
            str(bin_dir / "taalm"), "ablate", str(SMOKE), "--address", "auto", "--out", str(tmp_path),
            "--set", "name=job_submit", "--set", "resources.max_concurrent=2"]
-    for _ in range(10):
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        # the job server accepts jobs once a node's agent has registered with it, which on a loaded machine can
-        # come after the nodes are up: it then refuses the submission (creating no job) and asks to try again
-        if "No available agent to submit job" not in p.stdout + p.stderr:
-            break
-        time.sleep(3)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert JobSubmissionClient(dashboard).get_job_status(job_id) == JobStatus.SUCCEEDED
     assert "2 trials, 0 failed" in p.stdout
