@@ -25,6 +25,9 @@ app.add_typer(ray_app, name="ray")
 console = Console(stderr=True)
 
 SET_HELP = "Override a config key: dotted.key=value (repeatable)."
+ADDRESS_HELP = ("Attach to a running Ray cluster (auto, HOST:PORT, ray://...); `local`: a new local instance. Default: "
+                "the instance `taalm ray start` keeps running, if any, else a new local one.")
+NUM_CPUS_HELP = "CPUs of a new local Ray instance (given: the study starts its own, even when `taalm ray start` runs)."
 VERBOSE_HELP = "Show Ray's, Tune's and MLflow's own output too (always in <study>/logs/study.log)."
 
 
@@ -139,10 +142,10 @@ def ablate(
     grid: Path = typer.Argument(..., help="Ablation grid (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a grid key: dotted.key=value."),
     out: Path = typer.Option(Path("runs"), "--out", help="Root of study directories (OUT/<grid name>/)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                help="MLflow tracking URI (default: sqlite in the study dir)."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     retrain_phi: bool = typer.Option(False, "--retrain-phi",
                                      help="Meta-train φ anew (ignore the φ cache and the φ shipped in ablations/phi/)."),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
@@ -167,9 +170,9 @@ def tune(
     space: Path = typer.Argument(..., help="Search space (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a search-space key: dotted.key=value."),
     out: Path = typer.Option(Path("runs"), "--out", help="Root of study directories (OUT/<name>/)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Search hyper-parameters with Optuna under Ray Tune (TPE; NSGA-II for two objectives; optional ASHA)."""
@@ -189,8 +192,8 @@ def tune(
 @app.command()
 def resume(
     study: Path = typer.Argument(..., help="A study directory (OUT/<name>) of an interrupted `taalm ablate`."),
-    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Resume an interrupted ablation: finished trials are kept, the others continue from their checkpoints."""

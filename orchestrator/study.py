@@ -86,6 +86,8 @@ def local_cpus(address: Optional[str], num_cpus: Optional[int]) -> Optional[int]
     recorded `taalm ray start` head, or a new local instance); None for a cluster. Read before anything starts."""
     import ray
 
+    if num_cpus is not None and num_cpus < 1:
+        raise InputError("--num-cpus", f"must be >= 1 (got {num_cpus}): a Ray instance without a CPU runs no trial")
     if ray.is_initialized():  # init_ray will keep this process's instance
         return int(ray.cluster_resources().get("CPU", 0)) or None
     if address and address != "local":

@@ -266,6 +266,8 @@ CASES = [
          ["ablate", str(SMOKE), "--out", "{T}/studies", "--num-cpus", "1", "--set", "resources.workers=2",
           "--set", "resources.lean=false"],
          ["resources.cpus_per_worker", "a trial needs 2 CPUs", "the local Ray instance has 1"]),
+    Case("ablate: --num-cpus 0", "out of range", ["ablate", str(SMOKE), "--out", "{T}/studies", "--num-cpus", "0"],
+         ["--num-cpus", "must be >= 1", "no trial"]),
     Case("tune: meta_cpus beyond the local Ray instance", "out of range",
          TUNE + ["--num-cpus", "1"], ["resources.meta_cpus", "3 CPUs asked for meta-training", "has 1"],
          space(SPACE + "  train.lr: {type: float, low: 0.001, high: 0.01}\nresources: {meta_cpus: 3}\n")),
@@ -432,7 +434,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 116
+N_CASES = 117
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 
