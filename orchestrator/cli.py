@@ -435,7 +435,7 @@ def ray_stop():
     if rec is None:
         console.print(f"no running instance recorded in {record_path()}", highlight=False, soft_wrap=True)
         return
-    killed = f" (killed after 15 s without stopping: {', '.join(rec['killed'])})" if rec.get("killed") else ""
+    killed = f" (killed after 5 s without stopping: {', '.join(rec['killed'])})" if rec.get("killed") else ""
     console.print(f"stopped the local Ray instance at {rec['address']}{killed}", highlight=False, soft_wrap=True)
 
 

@@ -70,7 +70,7 @@ def ray_head():
     finally:
         stopped = stop_head()
         if stopped and stopped.get("killed"):  # in the output of the session: what did not stop on SIGTERM
-            print(f"\nthe session's local Ray instance: killed after 15 s: {', '.join(stopped['killed'])}")
+            print(f"\nthe session's local Ray instance: killed after 5 s: {', '.join(stopped['killed'])}")
 
 
 @pytest.fixture
