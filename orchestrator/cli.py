@@ -18,11 +18,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual knowledge learning (TAALM and baselines): runs, tailoring, studies.")
 data_app = typer.Typer(no_args_is_help=True, help="LAMA-CKL data: validate, tailor to a model.")
 app.add_typer(data_app, name="data")
+ray_app = typer.Typer(no_args_is_help=True,
+                      help="A local Ray instance kept running between studies (127.0.0.1 only, token authentication): "
+                           "studies started without --address and --num-cpus attach to it instead of starting Ray.")
+app.add_typer(ray_app, name="ray")
 console = Console(stderr=True)
 
 SET_HELP = "Override a config key: dotted.key=value (repeatable)."
-NUM_GPUS_HELP = ("GPUs of the local Ray instance (default: detected). On a machine without GPUs a number declares "
+NUM_GPUS_HELP = ("GPUs of a new local Ray instance (default: detected; given: the study starts its own). On a machine without GPUs a number declares "
                  "logical GPUs: trials are placed on them as on real ones and run on the CPU, saying so.")
+ADDRESS_HELP = ("Attach to a running Ray cluster (auto, HOST:PORT, ray://...); `local`: a new local instance. Default: "
+                "the instance `taalm ray start` keeps running, if any, else a new local one.")
+NUM_CPUS_HELP = "CPUs of a new local Ray instance (given: the study starts its own, even when `taalm ray start` runs)."
 VERBOSE_HELP = "Show Ray's, Tune's and MLflow's own output too (always in <study>/logs/study.log)."
 
 
@@ -195,10 +202,10 @@ def ablate(
     grid: Path = typer.Argument(..., help="Ablation grid (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a grid key: dotted.key=value."),
     out: Path = typer.Option(Path("runs"), "--out", help="Root of study directories (OUT/<grid name>/)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                help="MLflow tracking URI (default: sqlite in the study dir)."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     retrain_phi: bool = typer.Option(False, "--retrain-phi",
                                      help="Meta-train φ anew (ignore the φ cache and the φ shipped in ablations/phi/)."),
@@ -224,9 +231,9 @@ def tune(
     space: Path = typer.Argument(..., help="Search space (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a search-space key: dotted.key=value."),
     out: Path = typer.Option(Path("runs"), "--out", help="Root of study directories (OUT/<name>/)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
@@ -247,8 +254,8 @@ def tune(
 @app.command()
 def resume(
     study: Path = typer.Argument(..., help="A study directory (OUT/<name>) of an interrupted `taalm ablate`."),
-    address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
@@ -521,6 +528,48 @@ def data_tailor(
     s = split.summary()
     console.print(f"TO-LEARN {s['to_learn']}, NOT-TO-FORGET {s['ntf']}, Train-Attention pool {s['ta_pool']} "
                   f"-> {out / 'split.json'}")
+
+
+@ray_app.command("start")
+def ray_start(
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the instance (default: this machine's)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port of its GCS on 127.0.0.1 (default: a free one)."),
+):
+    """Start a local Ray instance for the studies of this environment (or say where the running one is)."""
+    from orchestrator.local_ray import record_path, start_head
+
+    rec, started = start_head(num_cpus, port)
+    console.print(f"{'started' if started else 'already running'}: local Ray instance at {rec['address']} "
+                  f"({rec['num_cpus']} CPUs, 127.0.0.1 only), recorded in {record_path()}; `taalm ablate` and "
+                  f"`taalm tune` without --address and --num-cpus attach to it; `taalm ray stop` stops it",
+                  highlight=False, soft_wrap=True)
+
+
+@ray_app.command("status")
+def ray_status():
+    """Whether a local Ray instance is recorded and running, and whether studies started here attach to it."""
+    from orchestrator.local_ray import running_head
+
+    rec, why = running_head()
+    if rec is None:
+        console.print(f"no instance to attach to: {why}; studies start a Ray instance of their own",
+                      highlight=False, soft_wrap=True)
+        return
+    console.print(f"running: local Ray instance at {rec['address']} ({rec['num_cpus']} CPUs); studies started here "
+                  f"without --address and --num-cpus attach to it", highlight=False, soft_wrap=True)
+
+
+@ray_app.command("stop")
+def ray_stop():
+    """Stop the local Ray instance `taalm ray start` started (its processes only; no other Ray on this machine)."""
+    from orchestrator.local_ray import record_path, stop_head
+
+    rec = stop_head()
+    if rec is None:
+        console.print(f"no running instance recorded in {record_path()}", highlight=False, soft_wrap=True)
+        return
+    killed = f" (killed after 5 s without stopping: {', '.join(rec['killed'])})" if rec.get("killed") else ""
+    console.print(f"stopped the local Ray instance at {rec['address']}{killed}", highlight=False, soft_wrap=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

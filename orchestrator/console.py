@@ -149,6 +149,10 @@ class StudyConsole(tune.Callback):
                                highlight=False, soft_wrap=True)
         self._refresh()
 
+    def note(self, text: str) -> None:
+        """A line about the study itself (which Ray it runs on, caches built once before the trials)."""
+        self.console.print(f"{self.name}: {text}", highlight=False, soft_wrap=True)
+
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()

@@ -200,7 +200,9 @@ def _run_loop(spec: TrialSpec, session, out: Path) -> None:
         from trainables.config import RunConfig
         from trainables.continual import continual_update
 
-        continual_update(RunConfig.model_validate(config), out_dir=out, callbacks=callbacks)
+        # the trials of this study that start from the same θ on the same facts evaluate epoch 0 once
+        continual_update(RunConfig.model_validate(config), out_dir=out, callbacks=callbacks,
+                         initial_eval_cache=Path(spec.storage_path) / "initial_eval" if spec.storage_path else None)
     elif spec.kind == "meta":
         from trainables.meta import MetaConfig, meta_train
 

@@ -183,16 +183,20 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     from ray.tune.search.optuna import OptunaSearch
 
     from .ray_trainables import trial_resources
-    from .study import start_study
+    from .study import check_trial_cpus, local_cpus, note_prepared, start_preparing, start_study
     from .tracking import MlflowTrials, default_tracking_uri, run_params
 
     spec, base = load_search(path, overrides)  # validated before anything starts
+    cpus = local_cpus(address, num_cpus, num_gpus)  # the local Ray instance's CPUs (None: a cluster)
+    check_trial_cpus(spec.resources, cpus)
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
     StudyRecord(kind="search", name=spec.name, source=str(Path(path).resolve()), overrides=overrides or [],
                 tracking_uri=uri, out_root=str(Path(out_root).resolve())).write(study_dir)
-    study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose, num_gpus)
+    prep = start_preparing([_trial_config(base, {})], None, cpus)
+    study = start_study(study_dir, uri, spec.name, "lama_ckl", address, num_cpus, verbose, progress, num_gpus)
+    note_prepared(prep, progress)
     first = spec.objectives[0]
     # the MLflow UI's view of the trials: summary metrics, then the searched keys and the seed, sorted by the
     # first objective when it is a summary metric

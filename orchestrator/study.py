@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainables.config import config_to_dict
+from trainables.config import ModelConfig, config_to_dict
+from trainables.errors import InputError
 
 from .grid import GridSpec, Trial, load_grid
 from .specs import StudyRecord, TrialSpec
@@ -28,59 +29,260 @@ def _keep_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def init_ray(address: Optional[str], num_cpus: Optional[int] = None, num_gpus: Optional[float] = None) -> None:
-    """Attach to a Ray cluster (``address``), or start a local instance bound to 127.0.0.1 only (GCS,
-    raylets, workers; no dashboard) with ``num_cpus`` / ``num_gpus`` (default: detected; GPUs given on a machine
-    without them are logical: trials are placed on them and run on the CPU, saying so)."""
+def init_ray(address: Optional[str], num_cpus: Optional[int] = None,
+             num_gpus: Optional[float] = None) -> str:
+    """Connect this process to Ray; returns how, in words.
+
+    * ``address`` a cluster (``auto``, ``host:port``, ``ray://...``): attach to it;
+    * no ``address`` and no ``num_cpus``: attach to the local instance ``taalm ray start`` recorded, when it runs
+      and was started from this environment (orchestrator/local_ray.py), else as ``"local"``;
+    * ``"local"``, or ``num_cpus`` / ``num_gpus`` given: start a new local instance bound to 127.0.0.1 only (GCS,
+      raylets, workers; no dashboard), even when another Ray runs on this machine; GPUs given on a machine without
+      them are logical (trials are placed on them and run on the CPU, saying so)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return "Ray already initialised in this process"
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # save Tune's experiment state every second, so a killed driver loses at most ~1 s of trial states
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # MLflow is the study's record: no Tune CSV/JSON/TensorBoard loggers (they choke on the per-fact lists
     # of each report, and nothing here reads them)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if address:
+    if address and address != "local":
         target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
         if target.rsplit(":", 1)[0] in LOOPBACK:  # a cluster started with --node-ip-address 127.0.0.1
             _keep_loopback()
         ray.init(address=address, log_to_driver=False)
-    else:
-        _keep_loopback()
-        # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        return f"Ray cluster {address}"
+    if address is None and num_cpus is None and num_gpus is None:
+        from .local_ray import running_head
+
+        head, _ = running_head()
+        if head is not None and _token_auth_on():
+            _keep_loopback()
+            ray.init(address=head["address"], log_to_driver=False)
+            return f"attached to the local Ray instance at {head['address']} ({head['num_cpus']} CPUs, taalm ray start)"
+    _keep_loopback()
+    # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    return f"a new local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def _token_auth_on() -> bool:
+    """Token authentication on in this process, as for a new local instance (ray.init turns it on for those by
+    itself, not for an explicit address): the environment variable, and Ray's configuration, read once at import,
+    refreshed the way Ray's own ray.init does it (a private call: tests/test_install.py checks it still exists)."""
+    from ray import _raylet
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or not hasattr(_raylet, "Config"):
+        return False  # the user turned authentication off: the head (token on) is not for this process
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _raylet.Config.initialize("")
+    return True
+
+
+def local_cpus(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float] = None) -> Optional[int]:
+    """The CPUs of the Ray instance init_ray(address, num_cpus) will use when it is one on this machine (the
+    recorded `taalm ray start` head, or a new local instance); None for a cluster. Read before anything starts."""
+    import ray
+
+    if num_cpus is not None and num_cpus < 1:
+        raise InputError("--num-cpus", f"must be >= 1 (got {num_cpus}): a Ray instance without a CPU runs no trial")
+    if ray.is_initialized():  # init_ray will keep this process's instance
+        return int(ray.cluster_resources().get("CPU", 0)) or None
+    if address and address != "local":
+        return None
+    if address is None and num_cpus is None and num_gpus is None:
+        from .local_ray import running_head
+
+        head, _ = running_head()
+        if head is not None:
+            return int(head["num_cpus"])
+    return num_cpus or os.cpu_count() or 1
+
+
+def check_trial_cpus(res, cpus: Optional[int], where: str = "resources") -> None:
+    """A trial that needs more CPUs than the local Ray instance has would wait forever: say so before anything
+    starts."""
+    if cpus is None:
+        return
+    need = res.cpus_per_worker * (1 if res.runs_lean() else res.workers)
+    if need > cpus:
+        raise InputError(f"{where}.cpus_per_worker",
+                         f"a trial needs {need:g} CPUs ({res.workers} worker(s) x {res.cpus_per_worker:g}), but the "
+                         f"local Ray instance has {cpus} (--num-cpus, or `taalm ray start --num-cpus`)")
+    if res.meta_cpus is not None and res.meta_cpus > cpus:
+        raise InputError(f"{where}.meta_cpus", f"{res.meta_cpus:g} CPUs asked for meta-training, but the local Ray "
+                                               f"instance has {cpus}")
+
+
+class Background:
+    """``fn()`` running in a daemon thread; :meth:`result` waits for it and re-raises its error."""
+
+    def __init__(self, fn: Callable, name: str):
+        import threading
+
+        self._box: dict = {}
+
+        def run():
+            try:
+                self._box["value"] = fn()
+            except BaseException as e:  # re-raised where the result is used
+                self._box["error"] = e
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]
+
+    def error(self) -> Optional[BaseException]:
+        self._thread.join()
+        return self._box.get("error")
+
+
+class PendingStudy(Background):
+    """The study's MLflow side (a :class:`Study`) being opened in a thread while Ray starts and Tune launches
+    the first trials: using it waits for it (and re-raises its error). Pickled (Tune saves its callbacks as
+    soon as it starts, and restores them on `taalm resume`), it is the Study once open, and until then the
+    recipe that opens it again (the same experiment and study run, found by name)."""
+
+    def __init__(self, uri: str, name: str, study_dir: Path, protocol: str, verbose: bool = False):
+        self._recipe = (uri, name, study_dir, protocol)
+
+        def open_study() -> Study:
+            from .console import configure_output
+
+            configure_output(study_dir, verbose, loggers=("mlflow", "alembic", "optuna"))
+            study = Study(uri, name, study_dir, protocol)
+            # the trials' learning-curve figures: matplotlib imported meanwhile, not when the first trial ends
+            Background(_import_pyplot, "taalm-import-pyplot")
+            return study
+
+        super().__init__(open_study, "taalm-mlflow-start")
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.result(), name)
+
+    def __reduce__(self):
+        if not self._thread.is_alive() and "value" in self._box:
+            return (_same, (self._box["value"],))
+        return (Study, self._recipe)
+
+
+def _import_pyplot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
+def _same(x):
+    return x
 
 
 def start_study(study_dir: Path, uri: str, name: str, protocol: str, address: Optional[str],
-                num_cpus: Optional[int], verbose: bool, num_gpus: Optional[float] = None) -> Study:
+                num_cpus: Optional[int], verbose: bool, progress=None,
+                num_gpus: Optional[float] = None) -> PendingStudy:
     """Ray and the study's MLflow side start side by side: MLflow's import and the store (found, or created)
-    in a thread while Ray's processes come up; both after the console is set up."""
-    import threading
-
+    in a thread while Ray's processes come up (or this process attaches to a running local instance) and Tune
+    launches the first trials; both after the console is set up. ``progress``: told which Ray (``note``)."""
     from .console import configure_output
 
     configure_output(study_dir, verbose, loggers=("ray",))  # before Ray logs anything
-    box: dict = {}
+    study = PendingStudy(uri, name, study_dir, protocol, verbose)
+    how = init_ray(address, num_cpus, num_gpus)
+    if hasattr(progress, "note"):
+        progress.note(f"Ray: {how}")
+    return study
 
-    def mlflow_side():
+
+def prepare_caches(configs: list, meta_cfg: Optional[dict] = None, threads: Optional[int] = None) -> list[str]:
+    """Build in this process (a study's driver, on this machine), before the trials need them, the cache entries
+    each trial would otherwise build at its start on its one core while the others wait: the dequantized SmolLM2
+    and its tokenizer (on two cores: trainables.models.build_smollm2_caches), the tiny preset's tokenizer, and
+    the tailored scores of a model with neither a cache entry nor a shipped score file (scored here with
+    ``threads`` torch threads; the shipped ones seed the cache in the trial, which has the model at hand).
+    ``configs``: the trials' run configs. Returns what was done, in words (nothing when every entry exists)."""
+    import torch
+
+    from trainables.models import build_smollm2_caches, smollm2_tokenizer_dir
+    from trainables.tailor import scores_cache_path, shipped_scores_file
+
+    done: list[str] = []
+    models = [c.model for c in configs]
+    if meta_cfg is not None:
+        models.append(ModelConfig.model_validate(meta_cfg.get("model", {})))
+        phi_model = (meta_cfg.get("phi") or {}).get("model")
+        if phi_model:
+            models.append(ModelConfig.model_validate(phi_model))
+    names = {m.name for m in models}
+    if "smollm2-135m" in names:
+        done += [f"SmolLM2 {what}" for what in build_smollm2_caches()]
+    elif "tiny" in names:
+        from trainables.models import cache_dir
+
+        if not (cache_dir() / "tokenizers" / "smollm2" / ".complete").exists():
+            smollm2_tokenizer_dir()
+            done.append("SmolLM2 tokenizer")
+    seen = set()
+    for c in configs:
+        if getattr(c, "temporalwiki", None) is not None or c.data.split != "tailored":
+            continue
+        from trainables.data import load_lama
+
+        lama = load_lama(c.data.dir)
+        key = (scores_cache_path(c.model, lama, c.data.task), c.device)
+        if key in seen or key[0].is_file() or shipped_scores_file(c.model, lama, c.data.task) is not None:
+            continue
+        seen.add(key)
+        from trainables.tailor import cached_scores
+        from trainables.theta import build_theta, resolve_device
+
+        before, n = torch.get_num_threads(), max(1, threads or os.cpu_count() or 1)
+        torch.set_num_threads(n)
         try:
-            configure_output(study_dir, verbose, loggers=("mlflow", "alembic", "optuna"))
-            box["study"] = Study(uri, name, study_dir, protocol)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
+            device = resolve_device(c.device)
+            theta = build_theta(c.model, None, device, c.seed)  # the base model: what tailoring scores
+            cached_scores(c.model, lama, c.data.task, lambda: theta.model, theta.tokenizer, c.eval.batch_size, device)
+            del theta
+        finally:
+            torch.set_num_threads(before)
+        done.append(f"tailored scores of {c.model.name} ({c.data.task}, {n} threads)")
+    return done
 
-    t = threading.Thread(target=mlflow_side, name="taalm-mlflow-start", daemon=True)
-    t.start()
-    try:
-        init_ray(address, num_cpus, num_gpus)
-    finally:
-        t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["study"]
+
+def start_preparing(configs: list, meta_cfg: Optional[dict], cpus: Optional[int]) -> Optional[Background]:
+    """:func:`prepare_caches` in a thread, for a study on this machine (``cpus``: its Ray instance's CPUs; None:
+    a cluster, whose nodes build their own). A failure there is only logged: the trials meet it as before."""
+    if cpus is None:
+        return None
+
+    def run() -> list[str]:
+        import logging
+
+        try:
+            return prepare_caches(configs, meta_cfg, cpus)
+        except Exception as e:  # an optimisation only: the trial that needs the entry builds it, or fails, as before
+            logging.getLogger("ray").warning("preparing the caches in the driver failed (%s: %s); the trials "
+                                             "build what they need", type(e).__name__, e)
+            return []
+
+    return Background(run, "taalm-prepare-caches")
+
+
+def note_prepared(prep: Optional[Background], progress) -> None:
+    """Wait for :func:`start_preparing`'s work; say what it built."""
+    done = prep.result() if prep is not None else []
+    if done and hasattr(progress, "note"):
+        progress.note("built once, before the trials: " + ", ".join(done))
 
 
 def phi_cache_dir(meta_cfg: dict) -> Path:
@@ -174,7 +376,14 @@ def _tune(specs: list[TrialSpec], info: dict, study: Study, name: str, study_dir
                                   failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                                   verbose=0),
     )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    except BaseException:
+        # the MLflow side opened while Tune started: its error (e.g. an unreachable tracking server) is the one to show
+        err = study.error() if isinstance(study, PendingStudy) else None
+        if err is not None:
+            raise err from None
+        raise
 
 
 def meta_data_hash(meta_cfg: dict) -> str:
@@ -220,7 +429,7 @@ def meta_label(seed: int) -> str:
 
 def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: Study, study_dir: Path,
                    progress=None, resume: bool = False, retrain: bool = False,
-                   faults: Optional[dict[str, int]] = None) -> dict[int, str]:
+                   faults: Optional[dict[str, int]] = None, cpus: Optional[int] = None) -> dict[int, str]:
     """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice);
     a φ shipped in ablations/phi/ for exactly that config and data seeds the cache. ``retrain``: train
     anew, ignoring the cache and the shipped φ. An interrupted meta-training continues from its checkpoint
@@ -243,12 +452,15 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
                 if (shipped / f).is_file():
                     study.client.log_artifact(study.parent_id, str(shipped / f), f"phi_seed{seed}")
         if not phi_trained(d):  # not yet, or interrupted: the meta trial continues from d/checkpoint
-            cpus = spec.resources.meta_cpu_count()
+            # what the grid uses at once, but no more than the local Ray instance has (a `taalm ray start`
+            # instance, or --num-cpus, may have fewer: the stage would wait forever)
+            meta_cpus = spec.resources.meta_cpu_count() if cpus is None else min(spec.resources.meta_cpu_count(), cpus)
             todo.append(TrialSpec(kind="meta", trial_key=key, label=meta_label(seed), config=cfg,
                                   phi_dir=str(d), storage_path=str((study_dir / "train").resolve()),
                                   inject_fault=(faults or {}).get(meta_label(seed)),
                                   resources=spec.resources.model_copy(update={
-                                      "workers": 1, "cpus_per_worker": cpus, "torch_threads": max(1, int(cpus))})))
+                                      "workers": 1, "cpus_per_worker": meta_cpus,
+                                      "torch_threads": max(1, int(meta_cpus))})))
     if todo:
         if hasattr(progress, "expect"):
             progress.expect("meta-training φ", [(t.trial_key, t.label, None) for t in todo], 1)
@@ -275,6 +487,8 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
         meta_cfg = None  # no trial needs a φ from the meta stage (e.g. a grid cut to rows without TAALM)
     meta_labels = [meta_label(s) for s in meta_seeds(spec, trials, meta_cfg)] if meta_cfg is not None else []
     faults = injected_faults([t.label for t in trials] + meta_labels)
+    cpus = local_cpus(address, num_cpus, num_gpus)  # the local Ray instance's CPUs (None: a cluster)
+    check_trial_cpus(spec.resources, cpus)
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
@@ -282,11 +496,14 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
                 overrides=overrides or [], tracking_uri=uri, out_root=str(Path(out_root).resolve()),
                 baseline=spec.baseline,
                 trials=[{"key": t.key, "label": t.label, "seed": t.seed} for t in trials]).write(study_dir)
-    study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose, num_gpus)
+    prep = start_preparing([t.config for t in trials], meta_cfg, cpus)
+    study = start_study(study_dir, uri, spec.name, spec.protocol, address, num_cpus, verbose, progress, num_gpus)
+    note_prepared(prep, progress)
     # the MLflow UI's view of the trials: summary metrics, then what the grid varies and the seed
     study.save_trials_view(list(dict.fromkeys(k for t in trials for k in t.overrides)) + ["seed"])
     if meta_cfg is not None:
-        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi, faults)
+        phis = run_meta_stage(spec, trials, meta_cfg, study, study_dir, progress, resume, retrain_phi, faults,
+                              cpus)
         for t in trials:
             if t.needs_phi and not t.config.weighting.train_attention.phi:
                 phi = phis.get(t.seed, next(iter(phis.values())))

@@ -1,14 +1,24 @@
 """Shared fixtures: the tiny config, the tokenizer, a local Ray instance, free ports.
 
 Tests that start Ray, MLflow servers or a browser carry the ``integration`` marker (they run in CI like
-every other test; ``pytest -m "not integration"`` is the quick loop while editing)."""
+every other test; ``pytest -m "not integration"`` is the quick loop while editing).
+
+The tests that run studies share one local Ray instance for the whole session (``ray_head``: what
+``taalm ray start`` starts, 2 CPUs, 127.0.0.1 only), started when the first of them needs it: each attaches to
+it (``ray_local``, or a ``taalm ablate`` subprocess without ``--num-cpus``) instead of starting Ray itself. The
+tests that need a Ray of their own (the two-node cluster, the SIGKILLed driver, the loopback check of a new
+instance) start one as before. The session records its instance in a file of its own (``TAALM_RAY_HEAD``), so no
+test attaches to a ``taalm ray start`` instance of the developer's."""
 
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["TAALM_RAY_HEAD"] = str(Path(tempfile.mkdtemp(prefix="taalm-tests-ray-")) / "head.json")
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +58,30 @@ def free_port():
     return free_port_number
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray instance with 2 CPUs on 127.0.0.1 for the module's tests (the one `taalm` starts)."""
+@pytest.fixture(scope="session")
+def ray_head():
+    """The session's local Ray instance (`taalm ray start --num-cpus 2`: 127.0.0.1 only, token authentication),
+    started when a test first needs it and stopped at the end of the session; its record."""
+    from orchestrator.local_ray import start_head, stop_head
+
+    rec, _ = start_head(num_cpus=2)
+    try:
+        yield rec
+    finally:
+        stopped = stop_head()
+        if stopped and stopped.get("killed"):  # in the output of the session: what did not stop on SIGTERM
+            print(f"\nthe session's local Ray instance: killed after 5 s: {', '.join(stopped['killed'])}")
+
+
+@pytest.fixture
+def ray_local(ray_head):
+    """This process attached to the session's local Ray instance for one test (what `taalm ablate` does while
+    `taalm ray start` runs), detached afterwards; the instance keeps running for the next test."""
     import ray
 
     from orchestrator.study import init_ray
 
-    init_ray(None, num_cpus=2)
-    yield
+    how = init_ray(None)
+    assert how.startswith("attached to the local Ray instance"), how
+    yield ray_head
     ray.shutdown()

@@ -322,6 +322,19 @@ CASES = [
          ["meta.val_size"]),
     Case("meta-train: vmap_chunk 0", "out of range", META_TRAIN + ["--set", "meta.vmap_chunk=0"],
          ["--set meta.vmap_chunk", "greater than or equal to 1"]),
+    Case("ray start: --num-cpus 0", "out of range", ["ray", "start", "--num-cpus", "0"], ["--num-cpus", "must be >= 1"]),
+    Case("ray start: --port below 1024", "out of range", ["ray", "start", "--port", "80"],
+         ["--port", "1024..65535", "got 80"]),
+    Case("ray start: --port not a number", "wrong type", ["ray", "start", "--port", "abc"], ["'--port'", "valid integer"]),
+    Case("ablate: a trial needs more CPUs than the local Ray instance has", "out of range",
+         ["ablate", str(SMOKE), "--out", "{T}/studies", "--num-cpus", "1", "--set", "resources.workers=2",
+          "--set", "resources.lean=false"],
+         ["resources.cpus_per_worker", "a trial needs 2 CPUs", "the local Ray instance has 1"]),
+    Case("ablate: --num-cpus 0", "out of range", ["ablate", str(SMOKE), "--out", "{T}/studies", "--num-cpus", "0"],
+         ["--num-cpus", "must be >= 1", "no trial"]),
+    Case("tune: meta_cpus beyond the local Ray instance", "out of range",
+         TUNE + ["--num-cpus", "1"], ["resources.meta_cpus", "3 CPUs asked for meta-training", "has 1"],
+         space(SPACE + "  train.lr: {type: float, low: 0.001, high: 0.01}\nresources: {meta_cpus: 3}\n")),
     Case("grid: keep_weights_gb negative", "out of range", ABLATE, ["(resources.keep_weights_gb)"],
          grid("name: g\nbase: BASE\nresources: {keep_weights_gb: -1}\n")),
     Case("grid: lean not a boolean", "wrong type", ABLATE, ["(resources.lean)"],
@@ -503,7 +516,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 128
+N_CASES = 134
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 

@@ -1,6 +1,6 @@
 """Four trials at once on two cores, each logging every epoch; and two studies (two `taalm ablate`
-processes, each with its own local Ray instance) writing into one tracking store at the same time, a
-sqlite file and a `taalm ui` server. Afterwards a separate process counts every trial's epochs through the
+processes, each its own Tune driver, attached to the session's local Ray instance) writing into one tracking
+store at the same time, a sqlite file and a `taalm ui` server. Afterwards a separate process counts every trial's epochs through the
 MLflow client: nothing lost, nothing duplicated."""
 
 import json
@@ -37,18 +37,12 @@ print(json.dumps(out))
 """
 
 
-def test_four_concurrent_trials_lose_and_duplicate_nothing(tmp_path):
-    import ray
+def test_four_concurrent_trials_lose_and_duplicate_nothing(ray_local, tmp_path):
+    from orchestrator.study import run_ablation
 
-    from orchestrator.study import init_ray, run_ablation
-
-    init_ray(None, num_cpus=2)
-    try:
-        r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml",
-                         ["name=concurrent", "seeds=[0,1]", "resources.max_concurrent=4",
-                          "resources.cpus_per_worker=0.5", "overrides={train.epochs: 3}"], out_root=tmp_path)
-    finally:
-        ray.shutdown()
+    r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml",
+                     ["name=concurrent", "seeds=[0,1]", "resources.max_concurrent=4",
+                      "resources.cpus_per_worker=0.5", "overrides={train.epochs: 3}"], out_root=tmp_path)
     assert r["trials"] == 4 and r["failed"] == 0
     res = subprocess.run([sys.executable, "-c", COUNT, r["tracking_uri"], "concurrent"], capture_output=True,
                          text=True, timeout=120)
@@ -120,10 +114,11 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def test_two_studies_into_one_store_at_once_lose_nothing(tmp_path):
+def test_two_studies_into_one_store_at_once_lose_nothing(ray_head, tmp_path):
     """Two `taalm ablate` at once into one sqlite file, and two at once into a `taalm ui` server given as
-    --tracking-uri (all four running together, each with its own local Ray instance on one CPU; one trial of
-    two epochs each, the cheapest study); every trial has all its epochs, its summary and its artifacts, once."""
+    --tracking-uri (all four running together: four driver processes attached to the session's local Ray
+    instance, each trial on half of one of its 2 CPUs; one trial of two epochs each, the cheapest study); every
+    trial has all its epochs, its summary and its artifacts, once."""
     store = tmp_path / "server_store"  # what `taalm ui` serves: a study directory naming a sqlite store
     store.mkdir()
     record = {"kind": "grid", "name": "server_store", "tracking_uri": f"sqlite:///{store / 'mlflow.db'}"}
@@ -148,7 +143,7 @@ def test_two_studies_into_one_store_at_once_lose_nothing(tmp_path):
             log = open(tmp_path / f"{name}.log", "w")
             proc = subprocess.Popen(
                 [TAALM, "ablate", str(ROOT / "ablations" / "smoke_tiny.yaml"), "--out", str(tmp_path),
-                 "--tracking-uri", uri, "--num-cpus", "1", "--set", f"name={name}",
+                 "--tracking-uri", uri, "--set", f"name={name}", "--set", "resources.cpus_per_worker=0.5",
                  "--set", "resources.max_concurrent=1", "--set", "axes={weighting.scheme: [oracle]}"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             studies[name] = (uri, proc, log)
@@ -158,7 +153,8 @@ def test_two_studies_into_one_store_at_once_lose_nothing(tmp_path):
             # the piped console: our lines with counts out of the study's trials, none of Ray's / Tune's chatter
             console = (tmp_path / f"{name}.log").read_text()
             for line in (f"{name}: trials: 1 trial(s), 1 at a time", "  Oracle seed 0 epoch 2/2: TO-LEARN ",
-                         "trial done: Oracle seed 0 (1/1 done, "):
+                         "trial done: Oracle seed 0 (1/1 done, ",
+                         f"{name}: Ray: attached to the local Ray instance at {ray_head['address']}"):
                 assert line in console, (line, console[-3000:])
             for noise in ("TensorBoard", "Configuration for experiment", "View detailed results",
                           "Started a local Ray instance", "Trial status"):

@@ -102,3 +102,27 @@ def test_memorisation_raises_to_learn_accuracy(tiny_cfg):
     m = continual_update(cfg)
     assert m["to_learn_acc"][0] == 0.0
     assert m["top_acc"] > 0.0
+
+
+def test_trials_of_a_study_starting_from_the_same_theta_evaluate_epoch_0_once(tiny_cfg, tmp_path, monkeypatch):
+    """With a study's cache directory, a run whose θ at epoch 0 another run already evaluated (same model,
+    adapter, seed and training set-up; only the token weighting differs) reads that evaluation: the same
+    numbers as computing it, one evaluation fewer. Another seed evaluates its own θ."""
+    from trainables import continual
+
+    calls = []
+    real = continual.evaluate
+    monkeypatch.setattr(continual, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    alone = continual_update(tiny_cfg("train.epochs=1"))  # no cache: epochs 0 and 1 evaluated
+    assert len(calls) == 2
+    cache = tmp_path / "initial_eval"
+    first = continual_update(tiny_cfg("train.epochs=1"), initial_eval_cache=cache)
+    second = continual_update(tiny_cfg("train.epochs=1", "weighting.scheme=oracle"), initial_eval_cache=cache)
+    assert len(calls) == 2 + 2 + 1  # the second run evaluated epoch 1 only
+    for m in (first, second):
+        for k in ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "to_learn_per_fact", "ntf_per_fact"):
+            assert m[k][0] == alone[k][0], k
+    assert first["train_loss"] == alone["train_loss"]  # reading epoch 0 changes nothing after it
+    other_seed = continual_update(tiny_cfg("train.epochs=1", "seed=1"), initial_eval_cache=cache)
+    assert len(calls) == 5 + 2 and len(list(cache.glob("*.json"))) == 2
+    assert other_seed["to_learn_acc"][0] == continual_update(tiny_cfg("train.epochs=1", "seed=1"))["to_learn_acc"][0]

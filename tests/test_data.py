@@ -149,3 +149,88 @@ def test_a_cache_entry_is_built_once_when_processes_ask_at_once(tmp_path):
         t.join()
     assert len(calls) == 1 and (target / "weights").read_text() == "w" and (target / ".complete").is_file()
     assert [p.name for p in target.parent.iterdir() if ".tmp" in p.name] == []  # no half-built sibling left
+
+
+def test_the_shipped_smollm2_scores_cover_the_shipped_data():
+    """The scores shipped for the embedded model are keyed like the cache (model key, data hash, task), cover
+    every fact once with a probe accuracy, and give the documented tailored split (475 / 132 / 664)."""
+    from trainables.config import load_config
+    from trainables.tailor import SHIPPED_SCORES, scores_cache_path, shipped_scores_file
+
+    lama = load_lama()
+    cfg = load_config(DEFAULT_LAMA_DIR.parents[1] / "examples" / "run_smollm2_mini.yaml")  # the demo's model and task
+    path = shipped_scores_file(cfg.model, lama, cfg.data.task)
+    assert path is not None and path.parent == SHIPPED_SCORES
+    assert path.name == scores_cache_path(cfg.model, lama, cfg.data.task).name  # it seeds exactly that cache entry
+    rec = json.loads(path.read_text())
+    assert rec["model"] == "smollm2-135m" and rec["task"] == "descriptive" and rec["data_hash"] == lama.hash
+    assert rec["produced_by"]["function"].startswith("trainables.tailor.score_facts")
+    assert set(rec["scores"]) == {f.uuid for f in lama.all_facts()} and rec["n_facts"] == len(rec["scores"])
+    assert all(0.0 <= v <= 1.0 for v in rec["scores"].values())
+    assert len(rec["check"]["uuids"]) == 8 and set(rec["check"]["uuids"]) <= set(rec["scores"])
+    sizes = make_split(lama, rec["scores"], "descriptive", "shipped").summary()
+    assert (sizes["to_learn"], sizes["ntf"], sizes["ta_pool"]) == (475, 132, 664)
+    assert path.stat().st_size < 100_000
+
+
+def _small_lama(tmp_path, n=12):
+    d = tmp_path / "lama_small"
+    d.mkdir()
+    for name in LAMA_FILES:
+        lines = (DEFAULT_LAMA_DIR / name).read_text().splitlines()[:n]
+        (d / name).write_text("\n".join(lines) + "\n")
+    return load_lama(d)
+
+
+def test_a_missing_score_cache_entry_is_seeded_from_a_shipped_file_only_when_the_model_agrees(
+        tmp_path, monkeypatch, caplog):
+    """A shipped score file seeds the cache (no fact is scored) when the model in hand computes the logits it
+    records; with other recorded logits, or another data hash, the facts are scored as before."""
+    import torch
+
+    from trainables import tailor
+    from trainables.config import ModelConfig
+    from trainables.theta import build_theta
+
+    lama = _small_lama(tmp_path)
+    cfg = ModelConfig(name="tiny")
+    theta = build_theta(cfg, None, torch.device("cpu"))
+    truth = tailor.score_facts(theta.model, theta.tokenizer, lama, "descriptive")
+    scored = []
+    real_score_facts = tailor.score_facts
+    monkeypatch.setattr(tailor, "score_facts", lambda *a, **k: scored.append(1) or real_score_facts(*a, **k))
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(tailor, "SHIPPED_SCORES", shipped)
+    uuids = sorted(truth)[:4]
+    # distinguishable from what the model computes, so that we can tell where the cache entry came from
+    marked = {u: 1.0 - v for u, v in truth.items()}
+    rec = {"format": tailor.SHIPPED_FORMAT, "model": "tiny", "model_key": tailor.model_key(cfg),
+           "data_hash": lama.hash, "task": "descriptive", "n_facts": len(marked),
+           "check": {"uuids": uuids, **tailor.logit_check(theta.model, theta.tokenizer, lama, "descriptive", uuids)},
+           "scores": marked}
+    target = shipped / f"{tailor.scores_key(cfg, lama, 'descriptive')}.json"
+
+    def fresh_cache(name, record):
+        monkeypatch.setenv("TAALM_CACHE", str(tmp_path / name))
+        target.write_text(json.dumps(record))
+        got = tailor.cached_scores(cfg, lama, "descriptive", lambda: theta.model, theta.tokenizer)
+        entry = json.loads(tailor.scores_cache_path(cfg, lama, "descriptive").read_text())
+        assert entry["scores"] == got
+        return got, entry["origin"]
+
+    assert fresh_cache("c1", rec) == (marked, f"shipped: shipped/{target.name}") and scored == []
+    # cached now: the shipped file is not read again
+    target.unlink()
+    assert tailor.cached_scores(cfg, lama, "descriptive", lambda: theta.model, theta.tokenizer) == marked
+    # recorded logits of other weights: scored
+    other = dict(rec, check=dict(rec["check"], sum=rec["check"]["sum"] * 1.01 + 1.0))
+    with caplog.at_level("WARNING", logger="trainables.tailor"):
+        assert fresh_cache("c2", other) == (truth, "computed") and scored == [1]
+    assert "does not compute the logits recorded" in caplog.text
+    # another data hash, or a file that does not cover every fact: not used, scored
+    assert fresh_cache("c3", dict(rec, data_hash="0" * 16)) == (truth, "computed") and scored == [1, 1]
+    assert fresh_cache("c4", dict(rec, scores=dict(list(marked.items())[1:]))) == (truth, "computed")
+    assert len(scored) == 3
+    # another model (another init seed: another model key) is not looked up under this file's name
+    assert tailor.scores_key(ModelConfig(name="tiny", init_seed=1), lama, "descriptive") != target.stem

@@ -67,3 +67,20 @@ def test_the_private_ray_switch_orchestrator_sets_still_exists():
         "ray._private.ray_constants.ENABLE_RAY_CLUSTER is gone: update orchestrator/study.py _keep_loopback"
     assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address), \
         "Ray no longer reads ENABLE_RAY_CLUSTER when it picks a node's address: update _keep_loopback"
+
+
+def test_the_private_ray_call_that_turns_token_auth_on_still_exists():
+    """Attaching to the `taalm ray start` head (orchestrator/study.py `_token_auth_on`) turns token authentication
+    on in the driver the way ray.init does it for a new local instance: the environment variable, then
+    ray._raylet.Config.initialize("") (Ray reads the variable once). A Ray release that changes this would make
+    the attach hang on authentication errors."""
+    import inspect
+
+    from ray import _raylet
+    from ray._private.authentication import authentication_token_setup
+
+    assert callable(getattr(getattr(_raylet, "Config", None), "initialize", None)), \
+        "ray._raylet.Config.initialize is gone: update orchestrator/study.py _token_auth_on"
+    src = inspect.getsource(authentication_token_setup._enable_token_auth)
+    assert "RAY_AUTH_MODE" in src or "AUTH_MODE_ENV_VAR" in src
+    assert "Config.initialize(" in src, "Ray turns token authentication on another way now: update _token_auth_on"

@@ -48,10 +48,13 @@ def two_nodes():
 
     _keep_loopback()
     dashboard = free_port_number()
+    # each node's dashboard agent on a free port: Ray's default (52365) may be taken by another Ray instance on
+    # the machine (then the head's agent cannot serve, and `ray job submit` answers "No available agent")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+        "dashboard_agent_listen_port": free_port_number()})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", dashboard_agent_listen_port=free_port_number())
     try:
         cluster.wait_for_nodes()
         nodes = {n.node_id for n in cluster.list_all_nodes()}

@@ -30,18 +30,12 @@ def test_distributions_and_conditionals():
 
 
 @pytest.mark.integration
-def test_optuna_study_of_8_trials_every_trial_in_mlflow_once(tmp_path):
-    import ray
+def test_optuna_study_of_8_trials_every_trial_in_mlflow_once(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.search import run_search
-    from orchestrator.study import init_ray
 
-    init_ray(None, num_cpus=2)
-    try:
-        r = run_search(TINY, out_root=tmp_path)
-    finally:
-        ray.shutdown()
+    r = run_search(TINY, out_root=tmp_path)
     assert r["trials"] == 8 and r["failed"] == 0
     c = MlflowClient(r["tracking_uri"])  # a separate client, reading the store after the study
     exp = c.get_experiment_by_name("tiny_search")

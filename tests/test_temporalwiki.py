@@ -156,20 +156,15 @@ def test_meta_training_from_records(tmp_path):
 
 
 @pytest.mark.integration
-def test_table2_grid_through_the_orchestrator(tmp_path):
+def test_table2_grid_through_the_orchestrator(ray_local, tmp_path):
     """Finetune, Mix-review, RecAdam, K-Adapter and TAALM (with its records-based meta stage) on the
     fixture, as Ray Train trials under Tune, tracked in MLflow with per-period perplexities."""
-    import ray
     from mlflow.tracking import MlflowClient
 
     from orchestrator.report import write_report
-    from orchestrator.study import init_ray, run_ablation
+    from orchestrator.study import run_ablation
 
-    init_ray(None, num_cpus=2)
-    try:
-        r = run_ablation(ROOT / "ablations" / "temporalwiki_table2.yaml", out_root=tmp_path)
-    finally:
-        ray.shutdown()
+    r = run_ablation(ROOT / "ablations" / "temporalwiki_table2.yaml", out_root=tmp_path)
     assert r["failed"] == 0 and r["trials"] == 5
     c = MlflowClient(r["tracking_uri"])
     exp = c.get_experiment_by_name("temporalwiki_table2")

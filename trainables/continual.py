@@ -11,6 +11,7 @@ shares: trainables/loop.py). Deterministic for a seed on CPU.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,42 @@ def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
     return out
 
 
+def initial_evaluation(setup: RunSetup, dp: Optional[DataParallel] = None, cache: Optional[Path] = None) -> dict:
+    """Epoch 0: θ before any update. ``cache`` (a directory of one study): the trials of a study that start from
+    the same θ (same model, parameterisation, seed, regulariser and replay, whose set-up runs before this, and
+    training options; only the token weighting, which never touches θ, may differ) on the same facts evaluate
+    it once; the others read that evaluation. Not under data parallelism."""
+    if cache is None or dp is not None:
+        return evaluate(setup, dp)
+    import hashlib
+
+    import transformers
+
+    from .checkpoint import exclusive
+    from .models import model_key
+
+    cfg = config_to_dict(setup.cfg)
+    for k in ("weighting", "checkpoint"):
+        cfg.pop(k, None)
+    cfg.get("train", {}).pop("epochs", None)
+    ident = {"config": cfg, "model_key": model_key(setup.cfg.model), "data_hash": setup.data_hash,
+             "to_learn": [f.uuid for f in setup.split.to_learn], "ntf": [f.uuid for f in setup.split.ntf],
+             "device": str(setup.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "transformers": transformers.__version__}
+    path = Path(cache) / (hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    with exclusive(path):  # trials started together: one evaluates, the other waits and reads
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("ident") == ident:
+                    return saved["evaluation"]
+            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+                pass
+        ev = evaluate(setup, dp)
+        write_json_atomic(path, {"ident": ident, "evaluation": ev})
+    return ev
+
+
 # a resumed run may train longer, checkpoint differently, split its batches differently (the same update)
 RESUME_IGNORED = ("train.epochs", "checkpoint.every", "train.micro_batch_size", "train.oom")
 CURVE_KEYS = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight")
@@ -175,11 +212,13 @@ def _restored_epoch(history: dict, epoch: int) -> dict:
 
 def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callbacks: Sequence[Callback] = (),
                      resume: bool = True, setup: Optional[RunSetup] = None,
-                     dp: Optional[DataParallel] = None) -> dict:
+                     dp: Optional[DataParallel] = None, initial_eval_cache: Optional[Path] = None) -> dict:
     """Run (or resume) one continual-update run; return the metrics dict (also DIR/metrics.json).
 
     Under torch.distributed (e.g. Ray Train workers) the run is data-parallel across the process group
-    (``dp``, detected when not given); every rank resumes from its DIR/checkpoint, rank 0 writes."""
+    (``dp``, detected when not given); every rank resumes from its DIR/checkpoint, rank 0 writes.
+    ``initial_eval_cache``: a study's directory where trials share the epoch-0 evaluation of the same θ
+    (:func:`initial_evaluation`)."""
     t_start = time.perf_counter()
     dp = dp or DataParallel.from_torch()
     writer = dp is None or dp.rank == 0
@@ -220,7 +259,7 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
         cb.on_start(info)
 
     def finish_epoch(epoch: int, loss: Optional[float], weight: Optional[float]) -> None:
-        ev = evaluate(setup, dp)
+        ev = initial_evaluation(setup, dp, initial_eval_cache) if epoch == 0 else evaluate(setup, dp)
         for k, v in ev.items():
             history[k].append(v)
         history["train_loss"].append(loss)

