@@ -14,16 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .encode import EncodedDoc, collate
 from .loss import EPS, token_nll, weighted_loss
 from .weighting import WeightContext
-
-if TYPE_CHECKING:
-    from .continual import DataParallel, RunSetup
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +58,7 @@ def _split(docs: list, parts: int) -> list[list]:
     return [docs[n * i // parts:n * (i + 1) // parts] for i in range(parts)]
 
 
+# ``setup`` is a trainables.continual.RunSetup, ``dp`` its DataParallel (named, not imported: continual imports this)
 def train_step(setup: "RunSetup", optimizer, batch_docs: list[EncodedDoc], generator,
                dp: Optional["DataParallel"] = None, *, replay_round: int, step: int,
                micro_batch_size: Optional[int] = None) -> tuple[float, float, int]:
