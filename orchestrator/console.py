@@ -206,6 +206,8 @@ class StudyConsole(tune.Callback):
         if self.live is not None:
             self.live.stop()
             self.live = None
+        if _ACTIVE.get("console") is self:
+            _ACTIVE.pop("console")
 
     # -- Tune's events ------------------------------------------------------------------------------------
 

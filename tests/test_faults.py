@@ -316,3 +316,89 @@ def test_a_search_retries_a_failed_trial(tmp_path, monkeypatch):
         assert t.data.tags["taalm.retries"] == "1" and "injected fault after epoch 1" in t.data.tags["taalm.retry_reason"]
         assert t.data.tags["taalm.resumed_from_epoch"] == "1"
         assert sorted(m.step for m in c.get_metric_history(t.info.run_id, "to_learn_acc")) == [0, 1, 2]
+
+
+# ---- without Ray: the one-line reasons, the memory plan -----------------------------------------------------------
+
+# the text Ray 2.60's memory monitor gave a killed trial on this machine (the report's first lines; the rest is the
+# object store's statistics and the environment variables to set) and an ActorDiedError of a SIGKILLed worker,
+# as Tune wrote them to the trials' error files
+MONITOR = """Failure # 1 (occurred at 2026-11-30_17-44-02)
+OutOfMemoryError: 1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 127.0.0.1, ID: 9446f73b) was 22.37GB used / 23.54GB limit (0.950300)
+OOM kill reason: Memory usage 24019980288B exceeded threshold of 24012684697B (95.0% of 25276510208B limit)
+Object store memory usage: [- objects spillable: 0
+Ray killed 1 worker(s) based on the killing policy
+Considered workers: [
+Selected to kill: (Actor(05c8da11): job ID=01000000, lease ID=0000, task name=ImplicitFunc.__init__, required resources={}, pid=24613, actual memory used=3.05GB, worker ID=9042)
+]
+"""
+SIGKILLED = """Failure # 1 (occurred at 2026-11-30_17-31-45)
+The actor died unexpectedly before finishing this task.
+\tclass_name: ImplicitFunc
+\tactor_id: 2dab3b0fadbea1be097351b101000000
+\tpid: 27758
+\tnamespace: c2f509ff-918f-46ec-bfcc-d1fb4e507ddc
+\tip: 127.0.0.1
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error code 2. End of file.
+"""
+
+
+def test_the_reason_of_a_killed_trial_is_one_line():
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    from orchestrator.faults import TrialProcessLost, describe_failure
+
+    assert describe_failure(MONITOR) == ("killed by Ray's memory monitor: node at 95 % of 23.5 GB (22.4 GB used, "
+                                         "threshold 95 %); the trial's process (pid 24613) used 3.05 GB")
+    assert describe_failure(SIGKILLED).startswith("the trial's process (pid 27758) died unexpectedly: killed from "
+                                                  "outside (SIGKILL, the kernel's OOM killer) or crashed")
+    # the error Tune gets for an OOM-killed actor task, as the patched actor manager hands it on: an actor error
+    lost = TrialProcessLost.from_cause(OutOfMemoryError(MONITOR.split("\n", 1)[1].split(": ", 1)[1]))
+    assert isinstance(lost, RayActorError)
+    assert describe_failure(str(lost)).startswith("killed by Ray's memory monitor: node at 95 % of 23.5 GB")
+    # retried trials: the error file holds every failure, the reason is the last one's
+    assert describe_failure(SIGKILLED + MONITOR.replace("# 1", "# 2")).startswith("killed by Ray's memory monitor")
+    # what is not a killed process keeps its error line
+    assert describe_failure("Traceback ...\n  x\nValueError: the loss is nan\n") == "ValueError: the loss is nan"
+
+
+def test_the_memory_plan_caps_concurrency_to_what_fits():
+    from orchestrator.memory import GB, plan
+
+    f = plan(9.5 * GB, None, asked=2, workers=1, nodes=[16.2 * GB], machine=23.5 * GB)
+    assert (f.fits, f.request_gb) == (1, 9.5)
+    assert f.message == ("2 at a time asked, 1 fits in 16.2 GB Ray holds for trials of this machine's 23.5 GB: "
+                         "a trial needs 9.50 GB (estimated)")
+    f = plan(9.5 * GB, 3.0, asked=4, workers=1, nodes=[16.2 * GB], machine=23.5 * GB)  # the user's figure wins
+    assert f.fits == 4 and f.request_gb == 3.0 and "(resources.memory_gb)" in f.message and "up to 5 fit" in f.message
+    f = plan(20 * GB, None, asked=2, workers=1, nodes=[16.2 * GB], machine=23.5 * GB)  # more than a node holds
+    assert f.fits == 1 and f.request_gb == pytest.approx(16.2) and "more than 16.2 GB" in f.message
+    f = plan(2 * GB, None, asked=4, workers=2, nodes=[5 * GB, 5 * GB], machine=8 * GB)  # 2 per node, 2 per trial
+    assert f.fits == 2 and "on 2 nodes" in f.message
+    f = plan(9.5 * GB, None, asked=4, workers=1, nodes=[100 * GB], machine=120 * GB, gpu=(2, 16 * GB),
+             gpus_per_worker=0.5)  # two trials per GPU by Ray's count, one by memory
+    assert f.fits == 2 and "2 fit on 2 GPU(s) of 16.0 GB" in f.message
+    f = plan(9.5 * GB, None, asked=4, workers=1, nodes=[100 * GB], machine=120 * GB, gpu=None, gpus_per_worker=1)
+    assert f.fits == 4 and "GPU memory unknown" in f.message
+
+
+def test_ray_is_told_the_memory_a_trial_reserves():
+    from orchestrator.ray_trainables import trial_resources
+    from orchestrator.specs import Resources
+
+    assert trial_resources(Resources(memory_gb=1.5)).bundles == [{"CPU": 1.0, "memory": int(1.5 * 2 ** 30)}]
+    assert trial_resources(Resources()).bundles == [{"CPU": 1.0}]
+
+
+def test_the_estimate_grows_with_what_a_trial_holds():
+    """The formula's terms (docs/RELIABILITY.md): a larger model, batch or a frozen reference copy need more."""
+    from orchestrator.memory import estimate_trial
+
+    base = {"model": {"name": "smollm2-135m"}, "params": {"kind": "lora", "r": 16},
+            "train": {"batch_size": 8, "max_length": 64}, "eval": {"batch_size": 32}}
+    e = estimate_trial(base)
+    assert e.parts["weights"] == pytest.approx(3 * 134_515_008 * 4)  # loading (file + model) and the kept copy
+    bigger = estimate_trial({**base, "train": {"batch_size": 32, "max_length": 256}})
+    full_rho1 = estimate_trial({**base, "params": {"kind": "full"}, "weighting": {"scheme": "rho1"}})
+    assert bigger.total > e.total and full_rho1.parts["weights"] > e.parts["weights"]
+    assert estimate_trial({**base, "model": {"name": "hf:not-on-disk"}}) is None
