@@ -72,7 +72,7 @@ def study_stops(study_dir: Path, verbose: bool, progress=None, resumable: bool =
         if isinstance(e, StudyStopped):
             why = "interrupted" if interrupted else e.reason
         else:
-            why = study_stop_message(e, study_dir)
+            why = study_stop_message(e, study_dir, _sqlite_store(study_dir))
         room = disk_error(e) is not None or (isinstance(e, StudyStopped) and not interrupted)
         console.print(f"[bold red]the study stopped[/]: {escape(why)}", highlight=False, soft_wrap=True)
         then = "once there is room (or the directory is writable again), " if room else ""
@@ -223,6 +223,17 @@ def _view_line(study_dir: Path, uri: str) -> str:
         return ""
     how = "" if uri.startswith(("http://", "https://")) else f" (with `taalm ui {study_dir}`)"
     return f"trials in the MLflow UI{how}: {links[0]}"
+
+
+def _sqlite_store(study_dir: Path) -> Optional[str]:
+    """The study's sqlite MLflow store file, if that is its store (to name it when a write to it is refused)."""
+    from orchestrator.specs import StudyRecord
+
+    try:
+        uri = StudyRecord.read(study_dir).tracking_uri
+    except (InputError, OSError):
+        return None
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
 
 
 def _report_study(r: dict) -> None:

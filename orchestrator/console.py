@@ -82,14 +82,17 @@ def configure_output(study_dir: Optional[Path], verbose: bool = False,
 
 class _StudyReportsThese(logging.Filter):
     """Off the console (kept in the study log): Tune's and Ray Train's records about trials (a failed trial's
-    traceback, "Trials did not complete") and the raylet's error lines (a killed worker, the memory monitor's
-    report; orchestrator/faults.py). The study's console says what they say, one line per trial with its reason,
+    traceback, "Trials did not complete"), the raylet's error lines (a killed worker, the memory monitor's
+    report; orchestrator/faults.py) and any record carrying a traceback (MLflow's store errors). The study's console says what they say, one line per trial with its reason,
     and the CLI a stopped study with the `taalm resume` command."""
 
     PREFIXES = ("ray.tune", "ray.train", "ray.air", "ray.taalm")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith(self.PREFIXES)
+        if record.name.startswith(self.PREFIXES):
+            return False
+        # a library's traceback (MLflow's store error, ...): the CLI says what stopped the study, in one line
+        return not (record.exc_info or "Traceback (most recent call last)" in record.getMessage())
 
 
 def _fmt_time(s: Optional[float]) -> str:

@@ -159,7 +159,8 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EROFS: "read-only file syste
                errno.EFBIG: "file too large for the file system or its limit", errno.EACCES: "permission denied",
                errno.EPERM: "operation not permitted"}
 _DISK_TEXT = ("No space left on device", "Read-only file system", "Disk quota exceeded", "File too large",
-              "database or disk is full", "attempt to write a readonly database")
+              "database or disk is full", "attempt to write a readonly database", "disk I/O error")
+_SQLITE_TEXT = _DISK_TEXT[-3:]  # SQLite's words for a write the disk refused (full, read-only, an I/O error)
 
 
 def storage_fault(reason: str) -> bool:
@@ -178,7 +179,7 @@ def disk_error(exc: BaseException) -> Optional[BaseException]:
             return exc
         if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
             return exc
-        if any(t in str(exc) for t in _DISK_TEXT[-2:]):
+        if any(t in str(exc) for t in _SQLITE_TEXT):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
@@ -195,19 +196,28 @@ def describe_disk_error(exc: BaseException, fallback_path: Optional[str] = None)
         what = exc.strerror or DISK_ERRNOS.get(exc.errno, str(exc))
         return f"cannot write {path}: {what} ({free_space(path)})"
     path = fallback_path or "?"
-    return f"cannot write {path}: {str(exc).splitlines()[0][:200]} ({free_space(path)})"
+    what = next((t for t in _SQLITE_TEXT if t in str(exc)), str(exc).splitlines()[0][:200])
+    return f"cannot write {path}: {what} ({free_space(path)})"
 
 
 def study_stop_message(exc: BaseException, study_dir: Path, store: Optional[str] = None) -> str:
     """What the CLI says when Tune itself cannot go on: one line of cause (the disk's, when a write was refused:
     the path and the free space)."""
-    from .tracking import error_line
-
     disk = disk_error(exc)
     if disk is not None:
         return describe_disk_error(disk, store)
-    text = str(exc)
-    return error_line(text) if text else type(exc).__name__
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in _chain(exc))
+    return describe_failure(text) if text else type(exc).__name__
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes, innermost last (what Tune wraps: a callback's error, the actor manager's)."""
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
 
 
 class StudyStopped(Exception):

@@ -175,42 +175,49 @@ def test_a_trial_killed_by_rays_memory_monitor_fails_alone(tmp_path):
         assert t.info.status in ("FINISHED", "FAILED")
 
 
-def _make_unwritable(d: Path) -> str:
-    """Make directory ``d`` refuse new entries, even to root (tests run as root here, where chmod does not stop
-    writes): ``chattr +i`` (the immutable attribute: the kernel refuses, EPERM), else chmod 555 for a non-root
-    user. Returns how; skips when neither holds on this file system."""
-    how = "chmod 555"
-    os.chmod(d, 0o555)
-    probe = d / ".probe"
+def _refuses(p: Path, file: bool) -> bool:
     try:
-        probe.touch()
-        probe.unlink()
-        os.chmod(d, 0o755)
-        subprocess.run(["chattr", "+i", str(d)], check=True, capture_output=True)
-        how = "chattr +i"
-        probe.touch()
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError):
-        return how
-    probe.unlink()
-    subprocess.run(["chattr", "-i", str(d)], capture_output=True)
-    pytest.skip(f"cannot make {d} unwritable here (neither chmod nor chattr +i stops a write)")
+        if file:
+            with open(p, "r+b"):
+                pass
+        else:
+            (p / ".probe").touch()
+            (p / ".probe").unlink()
+    except OSError:
+        return True
+    return False
 
 
-def _make_writable(d: Path, how: str) -> None:
+def _make_unwritable(p: Path, file: bool = False) -> str:
+    """Make directory ``p`` refuse new entries (or file ``p`` refuse writes), even to root (tests run as root here,
+    where chmod does not stop writes): chmod (enough for a non-root user), else ``chattr +i`` (the immutable
+    attribute: the kernel refuses, EPERM, root included). Returns how; skips when neither holds here."""
+    os.chmod(p, 0o444 if file else 0o555)
+    if _refuses(p, file):
+        return "chmod"
+    os.chmod(p, 0o644 if file else 0o755)
+    if subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode == 0 and _refuses(p, file):
+        return "chattr +i"
+    subprocess.run(["chattr", "-i", str(p)], capture_output=True)
+    pytest.skip(f"cannot make {p} unwritable here (neither chmod nor chattr +i stops a write)")
+
+
+def _make_writable(p: Path, how: str) -> None:
     if how == "chattr +i":
-        subprocess.run(["chattr", "-i", str(d)], check=True)
+        subprocess.run(["chattr", "-i", str(p)], check=True)
     else:
-        os.chmod(d, 0o755)
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
 
 
 @integration
-@pytest.mark.parametrize("fault", ["read-only checkpoint directory", "file-size limit"])
+@pytest.mark.parametrize("fault", ["read-only checkpoint directory", "file-size limit", "read-only MLflow store"])
 def test_a_refused_write_stops_the_study_cleanly_and_resume_finishes_it(tmp_path, fault):
-    """Mid-study, the running trial's writes are refused: its checkpoint directory in the study (Tune's trial
-    directory) made read-only, or its process given a file-size limit smaller than its checkpoint
-    (``prlimit RLIMIT_FSIZE``: the kernel refuses the write with EFBIG as a full disk does with ENOSPC). The study
-    stops (exit 1) with the path, the free space and the `taalm resume` command, no traceback; once the directory
-    is writable again (a new process for the limit), `taalm resume` finishes every trial, each epoch logged once."""
+    """Mid-study, a write is refused: the running trial's checkpoint directory in the study (Tune's trial
+    directory) made read-only, its process given a file-size limit smaller than its checkpoint (``prlimit
+    RLIMIT_FSIZE``: the kernel refuses the write with EFBIG as a full disk does with ENOSPC), or the study's MLflow
+    store (sqlite) made read-only under the driver (Tune itself cannot go on). The study stops (exit 1) with the
+    path, the free space and the `taalm resume` command, no traceback; once it is writable again (a new process for
+    the limit), `taalm resume` finishes every trial, each epoch logged once."""
     epochs = 8
     name = "refused"
     proc = _start(tmp_path, ["ablate", str(GRID), "--out", str(tmp_path), "--num-cpus", "2", "--set", f"name={name}",
@@ -226,11 +233,15 @@ def test_a_refused_write_stops_the_study_cleanly_and_resume_finishes_it(tmp_path
             how = _make_unwritable(trial_dir)
             undo = lambda: _make_writable(trial_dir, how)  # noqa: E731
             where = str(trial_dir)
-        else:
+        elif fault == "file-size limit":
             _worker(int(pid), proc)
             limit = 4 * 2 ** 20  # below a checkpoint of tiny's weights (~13 MB), above the logs it writes
             resource.prlimit(int(pid), resource.RLIMIT_FSIZE, (limit, limit))
             where = "File too large"
+        else:
+            how = _make_unwritable(db, file=True)
+            undo = lambda: _make_writable(db, how)  # noqa: E731
+            where = f"cannot write {db}: "
         rc = _finish(proc)
     finally:
         if undo is not None:
@@ -240,7 +251,8 @@ def test_a_refused_write_stops_the_study_cleanly_and_resume_finishes_it(tmp_path
     out, err = _console(tmp_path)
     assert rc == 1, err[-3000:]
     _assert_no_internals(out, err)
-    assert "the study stopped: StorageError: cannot write " in err, err
+    assert "the study stopped: " + ("StorageError: " if fault != "read-only MLflow store" else "") + "cannot write " \
+        in err, err
     assert where in err and " free on " in err, err
     assert f"taalm resume {study}" in err
     assert "| Finetune |" not in out  # no table of a study that did not finish
