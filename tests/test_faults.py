@@ -124,6 +124,7 @@ def test_sigkilled_trial_is_failed_then_retried_from_its_checkpoint(tmp_path):
     assert rc == 0, err[-3000:]
     assert "| Finetune |" in out and "| Oracle |" in out
     _assert_no_internals(out, err)
+    assert "killed: trials: memory: a trial needs " in err  # the memory plan, told before the trials start
     c, trials = _runs(db, "killed")
     killed = next(t for t in trials.values() if t.data.tags["taalm.trial_key"] == key)
     other = next(t for t in trials.values() if t.data.tags["taalm.trial_key"] != key)
@@ -137,6 +138,29 @@ def test_sigkilled_trial_is_failed_then_retried_from_its_checkpoint(tmp_path):
     for t in (killed, other):
         assert sorted(m.step for m in c.get_metric_history(t.info.run_id, "to_learn_acc")) == list(range(epochs + 1))
     assert "ActorDiedError" in (tmp_path / "killed" / "logs" / "study.log").read_text()  # kept in the study log
+
+
+@integration
+def test_trials_that_need_more_than_half_the_memory_run_one_at_a_time(tmp_path):
+    """`resources.memory_gb` larger than half of what Ray holds for trials (Ray's logical memory, nothing is
+    allocated): the study says "2 at a time asked, 1 fits", reserves that memory for each trial in Ray's scheduler,
+    and the two trials run one after the other."""
+    gb = 0.45 * psutil.virtual_memory().available / GB  # Ray holds ~70 % of the available memory for trials
+    proc = _start(tmp_path, ["ablate", str(GRID), "--out", str(tmp_path), "--num-cpus", "2", "--set", "name=fit",
+                             "--set", f"resources.memory_gb={gb:.2f}"])
+    rc = _finish(proc)
+    out, err = _console(tmp_path)
+    assert rc == 0, err[-3000:]
+    _assert_no_internals(out, err)
+    assert "fit: trials: memory: 2 at a time asked, 1 fits in " in err and \
+        f"a trial needs {gb:.2f} GB (resources.memory_gb)" in err, err
+    assert "fit: trials: 2 trial(s), 1 at a time" in err
+    c, trials = _runs(tmp_path / "fit" / "mlflow.db", "fit")
+    first, second = sorted(trials.values(), key=lambda r: r.info.start_time)
+    assert first.info.status == second.info.status == "FINISHED"
+    last_of_first = max(m.timestamp for m in c.get_metric_history(first.info.run_id, "to_learn_acc"))
+    first_of_second = min(m.timestamp for m in c.get_metric_history(second.info.run_id, "to_learn_acc"))
+    assert last_of_first <= first_of_second  # one at a time: the second's first epoch after the first's last
 
 
 def _ray_used() -> float:
