@@ -261,9 +261,22 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
         progress.total = spec.num_samples
     results = fit(tuner, guard, study_dir)
     failed = sum(1 for r in results if r.error)
+    if resume:
+        _close_lost_trials(study)
     study.finish()
     return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name,
             "trials": len(results), "failed": failed}
+
+
+def _close_lost_trials(study) -> None:
+    """A search's trial that a killed driver started less than a second before Tune last saved its experiment is
+    not in the restored experiment (the restored searcher samples another in its place): its MLflow run, left
+    RUNNING, ends KILLED with the reason."""
+    for r in study.client.search_runs([study.experiment_id],
+                                      "tags.`taalm.role` = 'trial' and attributes.status = 'RUNNING'"):
+        study.client.set_tag(r.info.run_id, "taalm.failure", "interrupted before Tune recorded the trial; the resumed "
+                                                             "search sampled another in its place")
+        study.client.set_terminated(r.info.run_id, "KILLED")
 
 
 def tune_with_parameters(fn, **kwargs):

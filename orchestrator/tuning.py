@@ -83,7 +83,10 @@ class StudyGuard(tune.Callback):
         self._check(trial)
 
     def on_experiment_end(self, trials, **info):
-        self.unfinished = [t.trial_id for t in trials if t.trial_id not in self.ended]
+        # Tune's clean-up marks a trial it stopped TERMINATED: a trial that really ended has its last result `done`
+        # (or is ERROR), whether it ended in this run or before a restore
+        self.unfinished = [t.trial_id for t in trials if t.trial_id not in self.ended and t.status != "ERROR"
+                           and not (t.last_result or {}).get("done")]
 
 
 def build_tuner(trainable, *, name: str, study_dir: Path, resources: Resources, callbacks: list,
