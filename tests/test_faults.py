@@ -107,7 +107,7 @@ def test_sigkilled_trial_is_failed_then_retried_from_its_checkpoint(tmp_path):
     """SIGKILL of a running trial's worker process mid-study (what the kernel's OOM killer does): the trial is
     FAILED with a one-line reason, retried (max_failures 1) from its last epoch checkpoint, the other trial runs,
     the study prints its table; nothing from Ray's internals on the console."""
-    epochs = 8
+    epochs = 6
     proc = _start(tmp_path, ["ablate", str(GRID), "--out", str(tmp_path), "--num-cpus", "2", "--set", "name=killed",
                              "--set", "resources.max_concurrent=1", "--set", "resources.max_failures=1",
                              "--set", f"overrides.train.epochs={epochs}"])
@@ -242,7 +242,7 @@ def test_a_refused_write_stops_the_study_cleanly_and_resume_finishes_it(tmp_path
     store (sqlite) made read-only under the driver (Tune itself cannot go on). The study stops (exit 1) with the
     path, the free space and the `taalm resume` command, no traceback; once it is writable again (a new process for
     the limit), `taalm resume` finishes every trial, each epoch logged once."""
-    epochs = 8
+    epochs = 5
     name = "refused"
     proc = _start(tmp_path, ["ablate", str(GRID), "--out", str(tmp_path), "--num-cpus", "2", "--set", f"name={name}",
                              "--set", "resources.max_concurrent=1", "--set", "resources.max_failures=1",
@@ -292,7 +292,10 @@ def test_a_refused_write_stops_the_study_cleanly_and_resume_finishes_it(tmp_path
         assert t.info.status == "FINISHED", t.data.tags
         assert sorted(m.step for m in c.get_metric_history(t.info.run_id, "to_learn_acc")) == list(range(epochs + 1))
     stopped = next(t for t in trials.values() if t.data.tags["taalm.trial_key"] == key)
-    assert 1 <= int(stopped.data.tags["taalm.resumed_from_epoch"]) <= epoch
+    # continued from a checkpoint; when Tune itself stopped (the store), from the last one its experiment state had
+    # recorded (saved every second: possibly epoch 0's, docs/RELIABILITY.md §2)
+    low = 0 if fault == "read-only MLflow store" else 1
+    assert low <= int(stopped.data.tags["taalm.resumed_from_epoch"]) <= epoch
 
 
 def test_a_refused_checkpoint_write_names_the_path_and_the_free_space_and_keeps_the_old_one(tmp_path):
@@ -326,22 +329,16 @@ print("EPOCH", state["epoch"], float(big["w"].sum()))
 
 
 @integration
-def test_a_search_retries_a_failed_trial(tmp_path, monkeypatch):
+def test_a_search_retries_a_failed_trial(ray_local, tmp_path, monkeypatch):
     """`taalm tune` builds its Tuner with the grid's builder: resources.max_failures retries a failed search trial
     (before, a search ignored it). Every trial's first attempt crashes after epoch 1 (TAALM_INJECT_FAULT=1)."""
-    import ray
     from mlflow.tracking import MlflowClient
 
     from orchestrator.search import run_search
-    from orchestrator.study import init_ray
 
     monkeypatch.setenv("TAALM_INJECT_FAULT", "1")
-    init_ray(None, num_cpus=2)
-    try:
-        r = run_search(ROOT / "search_spaces" / "tiny_search.yaml",
-                       ["num_samples=2", "resources.max_failures=1", "overrides.train.epochs=2"], out_root=tmp_path)
-    finally:
-        ray.shutdown()
+    r = run_search(ROOT / "search_spaces" / "tiny_search.yaml",
+                   ["num_samples=2", "resources.max_failures=1", "overrides.train.epochs=2"], out_root=tmp_path)
     assert r["trials"] == 2 and r["failed"] == 0
     c = MlflowClient(r["tracking_uri"])
     exp = c.get_experiment_by_name("tiny_search")
