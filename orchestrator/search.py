@@ -206,6 +206,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
                num_cpus: Optional[int] = None, verbose: bool = False, resume: bool = False) -> dict:
     """Run (or, ``resume``, continue) a search: Optuna's searcher under the study's one Tuner builder
     (orchestrator/tuning.py), so retries (``resources.max_failures``), memory and stopping work as in a grid."""
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -251,7 +252,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     res = plan_memory(spec.resources, estimate_trial(largest_config(spec, base), spec.resources.runs_lean(),
                                                      spec.resources.keep_weights_gb), progress, study, "trials")
     storage = str((study_dir / "train").resolve())
-    trainable = tune_with_parameters(search_driver, base=base, resources=res.model_dump(mode="json"),
+    trainable = tune.with_parameters(search_driver, base=base, resources=res.model_dump(mode="json"),
                                      storage_path=storage, inject_fault=fault)
     tuner, guard = build_tuner(trainable, name=spec.name, study_dir=study_dir, resources=res,
                                callbacks=[MlflowTrials(study, {}, describe=describe)] + ([progress] if progress else []),
@@ -278,8 +279,3 @@ def _close_lost_trials(study) -> None:
                                                              "search sampled another in its place")
         study.client.set_terminated(r.info.run_id, "KILLED")
 
-
-def tune_with_parameters(fn, **kwargs):
-    from ray import tune
-
-    return tune.with_parameters(fn, **kwargs)
