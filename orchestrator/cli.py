@@ -35,14 +35,64 @@ VERBOSE_HELP = "Show Ray's, Tune's and MLflow's own output too (always in <study
 
 @contextmanager
 def study_console(name: str):
-    """The study's live progress view (a Tune callback), closed before the report is printed."""
+    """The study's live progress view (a Tune callback), closed before the report is printed; a resumed
+    experiment's console becomes this one (its clock starts now)."""
     from orchestrator.console import StudyConsole
 
-    view = StudyConsole(name, console=console)
+    view = StudyConsole(name, console=console).activate()
     try:
         yield view
     finally:
         view.close()
+
+
+EXIT_STOPPED = 1  # the study could not finish: `taalm resume` continues it (2: bad input, nothing started)
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def study_stops(study_dir: Path, verbose: bool, progress=None, resumable: bool = True):
+    """A study that cannot go on (Tune stopped by a fault no retry fixes, a refused write, Ctrl-C) ends with a short
+    message naming the cause and the `taalm resume` command, never a traceback of library internals: that goes to
+    the study log (and, with --verbose, to the console too)."""
+    try:
+        yield
+    except (InputError, typer.Exit, typer.Abort):
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        import traceback
+
+        from rich.markup import escape
+
+        from orchestrator.faults import StudyStopped, disk_error, study_stop_message
+
+        if progress is not None:
+            progress.close()
+        log = study_dir / "logs" / "study.log"
+        text = "".join(traceback.format_exception(e))
+        logged = True
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as fh:
+                fh.write(f"taalm: the study stopped:\n{text}")
+        except OSError:
+            logged = False
+        interrupted = isinstance(e, KeyboardInterrupt) or (isinstance(e, StudyStopped) and e.reason == "interrupted")
+        if isinstance(e, StudyStopped):
+            why = "interrupted" if interrupted else e.reason
+        else:
+            why = study_stop_message(e, study_dir, _sqlite_store(study_dir))
+        room = disk_error(e) is not None or (isinstance(e, StudyStopped) and not interrupted)
+        console.print(f"[bold red]the study stopped[/]: {escape(why)}", highlight=False, soft_wrap=True)
+        then = "once there is room (or the directory is writable again), " if room else ""
+        if resumable:
+            console.print(f"Finished trials are kept and the others continue from their last checkpoint: {then}run\n"
+                          f"  taalm resume {study_dir}", highlight=False, soft_wrap=True)
+        if verbose or not logged:
+            console.print(escape(text), highlight=False, soft_wrap=True)
+        else:
+            console.print(f"(the full error is in {log})", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_INTERRUPTED if interrupted else EXIT_STOPPED)
 
 
 class RichProgress:
@@ -184,6 +234,17 @@ def _view_line(study_dir: Path, uri: str) -> str:
     return f"trials in the MLflow UI{how}: {links[0]}"
 
 
+def _sqlite_store(study_dir: Path) -> Optional[str]:
+    """The study's sqlite MLflow store file, if that is its store (to name it when a write to it is refused)."""
+    from orchestrator.specs import StudyRecord
+
+    try:
+        uri = StudyRecord.read(study_dir).tracking_uri
+    except (InputError, OSError):
+        return None
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
 def _report_study(r: dict) -> None:
     """Build the study's report from MLflow, print the table and where everything is."""
     from orchestrator.report import write_report
@@ -220,7 +281,7 @@ def ablate(
                   f"{len(spec.seeds)} seeds){' + meta-training stage' if meta else ''}", highlight=False)
     from orchestrator.study import run_ablation
 
-    with study_console(spec.name) as progress:
+    with study_console(spec.name) as progress, study_stops(out / spec.name, verbose, progress):
         r = run_ablation(grid, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
                          num_gpus=num_gpus, retrain_phi=retrain_phi, verbose=verbose)
     _report_study(r)
@@ -245,7 +306,7 @@ def tune(
                   f"{', '.join(o.metric + ' ' + o.mode for o in spec.objectives)}", highlight=False)
     from orchestrator.search import run_search
 
-    with study_console(spec.name) as progress:
+    with study_console(spec.name) as progress, study_stops(out / spec.name, verbose, progress):
         r = run_search(space, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
                        num_gpus=num_gpus, verbose=verbose)
     _report_study(r)
@@ -259,18 +320,24 @@ def resume(
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
-    """Resume an interrupted ablation: finished trials are kept, the others continue from their checkpoints."""
+    """Resume an interrupted study (a grid or a search): finished trials are kept, the others continue from their
+    checkpoints."""
     from orchestrator.specs import StudyRecord
 
     s = StudyRecord.read(study)
-    if s.kind != "grid" or not s.source or not s.out_root:
-        raise InputError(str(study / "study.json"),
-                         "only ablation studies (taalm ablate) can be resumed; re-run `taalm tune`")
-    from orchestrator.study import run_ablation
+    if not s.source or not s.out_root:
+        raise InputError(str(study / "study.json"), "this study's record names no grid or search file to resume")
+    with study_console(s.name) as progress, study_stops(study, verbose, progress):
+        if s.kind == "grid":
+            from orchestrator.study import run_ablation
 
-    with study_console(s.name) as progress:
-        r = run_ablation(s.source, s.overrides, s.out_root, address, s.tracking_uri, progress=progress,
-                         num_cpus=num_cpus, num_gpus=num_gpus, resume=True, verbose=verbose)
+            r = run_ablation(s.source, s.overrides, s.out_root, address, s.tracking_uri, progress=progress,
+                             num_cpus=num_cpus, num_gpus=num_gpus, resume=True, verbose=verbose)
+        else:
+            from orchestrator.search import run_search
+
+            r = run_search(s.source, s.overrides, s.out_root, address, s.tracking_uri, progress=progress,
+                           num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose, resume=True)
     _report_study(r)
 
 

@@ -74,8 +74,25 @@ def configure_output(study_dir: Optional[Path], verbose: bool = False,
             lg.addHandler(streams[0])
         for h in streams:
             h.setLevel(logging.NOTSET if verbose else logging.ERROR)
+            if not verbose and not any(isinstance(f, _StudyReportsThese) for f in h.filters):
+                h.addFilter(_StudyReportsThese())
         lg.propagate = False  # their records reach the console through these handlers only
     return path
+
+
+class _StudyReportsThese(logging.Filter):
+    """Off the console (kept in the study log): Tune's and Ray Train's records about trials (a failed trial's
+    traceback, "Trials did not complete"), the raylet's error lines (a killed worker, the memory monitor's
+    report; orchestrator/faults.py) and any record carrying a traceback (MLflow's store errors). The study's console says what they say, one line per trial with its reason,
+    and the CLI a stopped study with the `taalm resume` command."""
+
+    PREFIXES = ("ray.tune", "ray.train", "ray.air", "ray.taalm")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self.PREFIXES):
+            return False
+        # a library's traceback (MLflow's store error, ...): the CLI says what stopped the study, in one line
+        return not (record.exc_info or "Traceback (most recent call last)" in record.getMessage())
 
 
 def _fmt_time(s: Optional[float]) -> str:
@@ -96,9 +113,11 @@ class TrialView:
     ntf: Optional[float] = None
     started: Optional[float] = None
     first_result: Optional[float] = None
+    first_index: int = 0  # the index of the first report this process saw
     ended: Optional[float] = None
     reason: str = ""
     extra: dict = field(default_factory=dict)
+    before: bool = False  # finished before this process started (a resumed study): counted, not timed
 
     def position(self) -> str:
         """"epoch 2/3", "step 40/88", "period 1/2" (periods counted from 1)."""
@@ -113,13 +132,26 @@ class TrialView:
         return None if self.started is None else (self.ended or now) - self.started
 
     def expected_duration(self, now: float) -> Optional[float]:
-        """A running trial's whole duration, extrapolated from its epochs so far."""
+        """A running trial's whole duration in this process, extrapolated from its epochs so far in this process (a
+        resumed trial's earlier epochs ran before: they are neither timed nor left to do)."""
         if self.ended is not None:
-            return self.ended - self.started
-        if self.started is None or self.first_result is None or not self.epoch or not self.total_epochs:
+            return None if self.started is None else self.ended - self.started
+        if self.started is None or self.first_result is None or self.epoch is None or not self.total_epochs:
             return None
-        per_epoch = (now - self.first_result) / self.epoch
-        return (self.first_result - self.started) + per_epoch * self.total_epochs
+        done = self.epoch - self.first_index
+        if done <= 0:
+            return None
+        per_epoch = (now - self.first_result) / done
+        return (now - self.started) + per_epoch * max(0, self.total_epochs - self.epoch)
+
+
+_ACTIVE: dict = {}  # the console of this process's study (the CLI's), what a restored experiment's console becomes
+
+
+def _restored_console(name: str):
+    """What Tune's pickled console becomes when `taalm resume` restores the experiment: this process's console
+    (its clock starts at the resume), or a callback that does nothing when none is showing."""
+    return _ACTIVE.get("console") or tune.Callback()
 
 
 class StudyConsole(tune.Callback):
@@ -133,30 +165,53 @@ class StudyConsole(tune.Callback):
         self.stage = ""
         self.concurrency = 1
         self.total: Optional[int] = None  # trials of this stage (a search knows the number, not the trials)
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic()  # elapsed and remaining time count from here: this process (a resume's own)
         self.live: Optional[Live] = None
+        self.before = 0  # trials of this stage done before this process (a resumed study)
 
     # -- what the study tells us before Tune starts ---------------------------------------------------------
 
-    def expect(self, stage: str, trials: list[tuple[str, str, Optional[int]]], concurrency: int) -> None:
-        """The next Tune run's trials: (trial key, display name, epochs or None)."""
+    def activate(self) -> "StudyConsole":
+        """This is the process's console: a restored experiment's pickled console becomes it."""
+        _ACTIVE["console"] = self
+        return self
+
+    def __reduce__(self):  # Tune pickles its callbacks with the experiment state: the view is not state
+        return (_restored_console, (self.name,))
+
+    def expect(self, stage: str, trials: list[tuple[str, str, Optional[int]]], concurrency: int,
+               done_before: Optional[set] = None) -> None:
+        """The next Tune run's trials: (trial key, display name, epochs or None); ``done_before``: the keys of
+        those a resumed study had finished already (counted, not timed)."""
         self.stage, self.concurrency, self.total = stage, max(1, concurrency), len(trials) or None
+        done_before = done_before or set()
         for key, name, epochs in trials:
-            self.views.setdefault(key, TrialView(name, epochs))
+            v = self.views.setdefault(key, TrialView(name, epochs))
+            if key in done_before:
+                v.state, v.before = "done", True
         self._stage_keys = [k for k, _, _ in trials]
+        self.before = sum(k in done_before for k in self._stage_keys)
         if not self.interactive and trials:
-            self.console.print(f"{self.name}: {stage}: {len(trials)} trial(s), {self.concurrency} at a time",
+            self.console.print(f"{self.name}: {stage}: {len(trials)} trial(s), {self.concurrency} at a time"
+                               + (f", {self.before} done before this resume" if self.before else ""),
                                highlight=False, soft_wrap=True)
         self._refresh()
 
     def note(self, text: str) -> None:
-        """A line about the study itself (which Ray it runs on, caches built once before the trials)."""
-        self.console.print(f"{self.name}: {text}", highlight=False, soft_wrap=True)
+        """A line of the study's own (which Ray it runs on, caches built once before the trials, the memory plan):
+        above the live table, or one line in a pipe."""
+        line = f"{self.name}: {text}"
+        if self.live is not None:
+            self.live.console.print(line, highlight=False, soft_wrap=True)
+        else:
+            self.console.print(line, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
             self.live = None
+        if _ACTIVE.get("console") is self:
+            _ACTIVE.pop("console")
 
     # -- Tune's events ------------------------------------------------------------------------------------
 
@@ -172,7 +227,7 @@ class StudyConsole(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         v = self._view(trial)
-        v.state, v.started, v.ended = "running", v.started or time.monotonic(), None
+        v.state, v.started, v.ended, v.reason = "running", v.started or time.monotonic(), None, ""
         self._refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -185,7 +240,7 @@ class StudyConsole(tune.Callback):
         if kind not in REPORT_LINE:
             return
         if v.first_result is None:
-            v.first_result = now
+            v.first_result, v.first_index = now, int(result.get("index", 0))
         v.unit, v.epoch = UNIT[kind], int(result.get("index", 0))
         total = result.get("total")
         if isinstance(total, (int, float)) and total == total:
@@ -219,10 +274,20 @@ class StudyConsole(tune.Callback):
         self._refresh()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        from .tracking import failure_reason
+
+        from .tuning import stopping
+
         v = self._view(trial)
-        v.state = "retrying"
+        # a refused write stops the study instead (orchestrator/tuning.py): the trial continues at `taalm resume`
+        what = "stopped" if stopping() else "retrying"
+        v.state, v.reason = what, failure_reason(trial)
+        line = f"trial {'stopped' if what == 'stopped' else 'retried'}: {v.name}: {v.reason}"
         if not self.interactive:
-            self.console.print(f"trial retried: {v.name}", highlight=False)
+            self.console.print(line, highlight=False, soft_wrap=True)
+        else:
+            target = self.live.console if self.live is not None else self.console
+            target.print(Text(line, style="yellow"), soft_wrap=True)
         self._refresh()
 
     def on_experiment_end(self, trials, **info):
@@ -257,7 +322,9 @@ class StudyConsole(tune.Callback):
         failed = sum(v.state == "FAILED" for v in views)
         left = self.remaining()
         n = max(len(views), self.total or 0)
-        return (f"{done}/{n} done" + (f", {failed} failed" if failed else "")
+        before = sum(v.before for v in views)
+        return (f"{done}/{n} done" + (f" ({before} before this resume)" if before else "")
+                + (f", {failed} failed" if failed else "")
                 + f", {_fmt_time(time.monotonic() - self.t0)} elapsed"
                 + (f", ~{_fmt_time(left)} left" if left is not None and done + failed < n else ""))
 
@@ -269,7 +336,8 @@ class StudyConsole(tune.Callback):
         t = Table(expand=False)
         for col in ("trial", "state", "progress", "TO-LEARN", "NTF", "time"):
             t.add_column(col, justify="right" if col in ("progress", "TO-LEARN", "NTF", "time") else "left")
-        style = {"done": "green", "running": "cyan", "FAILED": "bold red", "retrying": "yellow", "pending": "dim"}
+        style = {"done": "green", "running": "cyan", "FAILED": "bold red", "retrying": "yellow", "pending": "dim",
+                 "stopped": "yellow"}
         for v in views:
             acc = lambda x: "" if x is None or x != x else f"{x:.3f}"  # noqa: E731
             state = v.state + (f": {v.reason[:60]}" if v.reason else "")
@@ -289,9 +357,3 @@ class StudyConsole(tune.Callback):
         else:
             self.live.update(self._table())
 
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment state
-        return {k: v for k, v in self.__dict__.items() if k not in ("live", "console")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.console, self.live = Console(stderr=True), None

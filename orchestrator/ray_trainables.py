@@ -87,19 +87,25 @@ def _restore_into(session, out: Path, name: str) -> None:
                 shutil.copytree(src, out / name)
 
 
-def injected_faults(labels: list[str]) -> dict[str, int]:
+def injected_faults(labels: Optional[list[str]]) -> dict[Optional[str], int]:
     """Fault injection for checking retries before a long study (a testing hook, off by default).
 
     ``TAALM_INJECT_FAULT=INDEX`` (every trial) or ``INDEX:LABEL[,INDEX:LABEL...]`` makes a trial's first
     attempt crash at its first step after the report of INDEX (an epoch; a meta-training trial's meta-step; a
     TemporalWiki period) was checkpointed; a retry (``resources.max_failures``) restores that checkpoint and goes
-    on without the fault. Read once in the driver, at study start."""
+    on without the fault. Read once in the driver, at study start. ``labels`` None: a search, whose trials are
+    not known in advance: only ``INDEX`` (every trial), returned under the key None."""
     from trainables.errors import InputError
 
     raw = os.environ.get(FAULT_ENV, "").strip()
-    out: dict[str, int] = {}
+    out: dict[Optional[str], int] = {}
     for item in filter(None, (x.strip() for x in raw.split(","))):
         index, _, label = item.partition(":")
+        if labels is None:
+            if not index.isdigit() or label:
+                raise InputError(f"{FAULT_ENV}={raw}", "expected INDEX (a search's trials have no labels in advance)")
+            out[None] = int(index)
+            continue
         if not index.isdigit() or (label and label not in labels):
             raise InputError(f"{FAULT_ENV}={raw}", f"expected INDEX or INDEX:LABEL with a label of this study "
                                                     f"({', '.join(sorted(set(labels)))})")
@@ -152,11 +158,13 @@ class TrialSession(Callback):
         if "restored" in self.once:
             metrics["restored"] = self.once.pop("restored")
         metrics.update(self.once.pop("placement", {}))
+        metrics["peak_rss_gb"] = _peak_rss_gb()  # this process's peak so far (orchestrator/memory.py's estimate)
         if r.checkpoint_dir and self.session.rank == 0:
             # the reported directory holds "checkpoint/", so a restore lands where the loop looks
-            with tempfile.TemporaryDirectory() as staging:
-                shutil.copytree(r.checkpoint_dir, Path(staging) / "checkpoint")
-                self.session.report(metrics, Path(staging))
+            with _writes(f"the checkpoint of {UNIT[r.kind]} {r.index} to {{path}}", r.checkpoint_dir):
+                with tempfile.TemporaryDirectory() as staging:
+                    shutil.copytree(r.checkpoint_dir, Path(staging) / "checkpoint")
+                    self.session.report(metrics, Path(staging))
         else:
             self.session.report(metrics)
 
@@ -187,6 +195,51 @@ def placed_device(spec: TrialSpec) -> tuple[str, dict]:
             f"(torch {torch.__version__}: {why}): running on the CPU")
     logging.getLogger(__name__).warning(note)
     return "cpu", {**placed, "device": "cpu", "device_note": note}
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)  # KiB on Linux
+
+
+class _writes:
+    """A write of ``what`` that the disk refuses (full, read-only, a file-size limit) becomes a StorageError naming
+    the path and the free space there, so the study stops instead of retrying (orchestrator/tuning.py)."""
+
+    def __init__(self, what: str, where: str):
+        self.what, self.where = what, where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        import errno
+        import re
+
+        from trainables.checkpoint import DISK_ERRNOS, StorageError, storage_error
+
+        if exc is None or isinstance(exc, StorageError) or not isinstance(exc, OSError):
+            return False
+        code = exc.errno
+        if code is None:  # pyarrow (Tune persisting the checkpoint): "Cannot create directory 'P'. Detail: [errno 1] ..."
+            m = re.search(r"\[errno (\d+)\]", str(exc))
+            code = int(m.group(1)) if m else None
+        if code not in DISK_ERRNOS:
+            return False
+        quoted = re.search(r"'(/[^']+)'", str(exc))
+        path = getattr(exc, "filename", None) or (quoted.group(1) if quoted else None) or _storage_dir() or self.where
+        raise storage_error(OSError(code, os.strerror(code) if code else str(exc)), self.what, path) from exc
+
+
+def _storage_dir() -> Optional[str]:
+    """The trial's directory in the study's storage (where Tune persists its checkpoints), if known here."""
+    try:
+        from ray import tune
+
+        return tune.get_context().get_trial_dir()
+    except Exception:  # noqa: BLE001 (outside a Tune trial)
+        return None
 
 
 def _run_loop(spec: TrialSpec, session, out: Path) -> None:
@@ -254,7 +307,8 @@ def run_trial(spec: TrialSpec) -> None:
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=res.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": res.cpus_per_worker,
                                                            **({"GPU": res.gpus_per_worker}
-                                                              if res.gpus_per_worker else {})}),
+                                                              if res.gpus_per_worker else {}),
+                                                           **_memory(res)}),
         run_config=ray.train.RunConfig(
             # stable per trial: a re-launched trial restores from its own latest checkpoint
             name=f"train-{spec.trial_key}", storage_path=spec.storage_path,
@@ -276,5 +330,12 @@ def trial_resources(res, kind: str = "continual"):
 
     if res.runs_lean() or kind == "meta":  # a fractional GPU packs several trials on one GPU
         return tune.PlacementGroupFactory([{"CPU": res.cpus_per_worker,
-                                            **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}])
+                                            **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {}),
+                                            **_memory(res)}])
     return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1024 ** 2}])
+
+
+def _memory(res) -> dict:
+    """Ray's ``memory`` resource a trial worker reserves (``resources.memory_gb``, stated or estimated: the study
+    plans it, orchestrator/memory.py), so that Ray's scheduler, not the OOM killer, keeps trials apart."""
+    return {"memory": int(res.memory_gb * 2 ** 30)} if res.memory_gb else {}

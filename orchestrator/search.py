@@ -159,7 +159,8 @@ def load_search(path: str | Path, overrides: list[str] | None = None) -> tuple[S
     return spec, base
 
 
-def search_driver(config: dict, base: dict, resources: dict, storage_path: str) -> None:
+def search_driver(config: dict, base: dict, resources: dict, storage_path: str,
+                  inject_fault: Optional[int] = None) -> None:
     """Tune trainable for searches: Optuna's sample -> a validated trial -> the same trial runner as grids."""
     from ray import tune
 
@@ -167,7 +168,32 @@ def search_driver(config: dict, base: dict, resources: dict, storage_path: str) 
 
     run_trial(TrialSpec(kind="continual", trial_key=tune.get_context().get_trial_id(), label=label_of(config),
                         config=config_to_dict(_trial_config(base, config)),
-                        resources=Resources.model_validate(resources), storage_path=storage_path))
+                        resources=Resources.model_validate(resources), storage_path=storage_path,
+                        inject_fault=inject_fault))
+
+
+def largest_config(spec: SearchSpec, base: dict) -> dict:
+    """The base config with every searched parameter at the value that needs the most memory (each chosen alone,
+    then all together): what the study plans memory for (orchestrator/memory.py)."""
+    from .memory import estimate_trial
+
+    def need(d: dict) -> float:
+        e = estimate_trial(d, spec.resources.runs_lean(), spec.resources.keep_weights_gb)
+        return e.total if e else 0.0
+
+    def with_value(d: dict, key: str, v) -> dict:
+        d = copy.deepcopy(d)
+        apply_overrides(d, [f"{key}={json.dumps(v)}"])
+        return d
+
+    full = config_to_dict(_trial_config(base, {}))
+    chosen = copy.deepcopy(full)
+    for key, p in spec.space.items():
+        values = p.choices if p.type == "categorical" else [p.low, p.high]
+        values = [int(v) if p.type == "int" else v for v in values]
+        best = max(values, key=lambda v: need(with_value(full, key, v)))
+        chosen = with_value(chosen, key, best)
+    return chosen
 
 
 def label_of(sampled: dict) -> str:
@@ -177,18 +203,27 @@ def label_of(sampled: dict) -> str:
 
 def run_search(path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
-               num_cpus: Optional[int] = None, verbose: bool = False, num_gpus: Optional[float] = None) -> dict:
+               num_cpus: Optional[int] = None, verbose: bool = False, resume: bool = False,
+               num_gpus: Optional[float] = None) -> dict:
+    """Run (or, ``resume``, continue) a search: Optuna's searcher under the study's one Tuner builder
+    (orchestrator/tuning.py), so retries (``resources.max_failures``), memory and stopping work as in a grid."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from .ray_trainables import trial_resources
-    from .study import check_trial_cpus, local_cpus, note_prepared, start_preparing, start_study
+    from .memory import check_stated, estimate_trial
+    from .ray_trainables import injected_faults
+    from .study import (check_trial_cpus, local_cpus, note_prepared, plan_memory, start_preparing, start_study,
+                        stated_memory_where)
     from .tracking import MlflowTrials, default_tracking_uri, run_params
+    from .tuning import build_tuner, fit
 
     spec, base = load_search(path, overrides)  # validated before anything starts
     cpus = local_cpus(address, num_cpus, num_gpus)  # the local Ray instance's CPUs (None: a cluster)
     check_trial_cpus(spec.resources, cpus)
+    fault = injected_faults(None).get(None)
+    if spec.resources.memory_gb:
+        check_stated(spec.resources, stated_memory_where(path, overrides), local=address is None)
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
@@ -220,24 +255,33 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
                 "params": run_params(cfg, sampled, label=label_of(sampled), seed=cfg["seed"]),
                 "tags": {"taalm.label": label_of(sampled), "taalm.seed": cfg["seed"]}}
 
+    res = plan_memory(spec.resources, estimate_trial(largest_config(spec, base), spec.resources.runs_lean(),
+                                                     spec.resources.keep_weights_gb), progress, study, "trials")
     storage = str((study_dir / "train").resolve())
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(search_driver, base=base,
-                                                 resources=spec.resources.model_dump(mode="json"),
-                                                 storage_path=storage),
-                            trial_resources(spec.resources)),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.resources.max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str((study_dir / "tune").resolve()),
-                                  callbacks=[MlflowTrials(study, {}, describe=describe)]
-                                  + ([progress] if progress else []),
-                                  verbose=0),
-    )
+    trainable = tune.with_parameters(search_driver, base=base, resources=res.model_dump(mode="json"),
+                                     storage_path=storage, inject_fault=fault)
+    tuner, guard = build_tuner(trainable, name=spec.name, study_dir=study_dir, resources=res,
+                               callbacks=[MlflowTrials(study, {}, describe=describe)] + ([progress] if progress else []),
+                               search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples, resume=resume)
     if hasattr(progress, "expect"):
-        progress.expect("trials", [], spec.resources.max_concurrent)
+        progress.expect("trials", [], res.max_concurrent)
         progress.total = spec.num_samples
-    results = tuner.fit()
+    results = fit(tuner, guard, study_dir)
     failed = sum(1 for r in results if r.error)
+    if resume:
+        _close_lost_trials(study)
     study.finish()
     return {"study_dir": str(study_dir), "tracking_uri": uri, "experiment": spec.name,
             "trials": len(results), "failed": failed}
+
+
+def _close_lost_trials(study) -> None:
+    """A search's trial that a killed driver started less than a second before Tune last saved its experiment is
+    not in the restored experiment (the restored searcher samples another in its place): its MLflow run, left
+    RUNNING, ends KILLED with the reason."""
+    for r in study.client.search_runs([study.experiment_id],
+                                      "tags.`taalm.role` = 'trial' and attributes.status = 'RUNNING'"):
+        study.client.set_tag(r.info.run_id, "taalm.failure", "interrupted before Tune recorded the trial; the resumed "
+                                                             "search sampled another in its place")
+        study.client.set_terminated(r.info.run_id, "KILLED")
+

@@ -39,6 +39,10 @@ class Resources(BaseModel):
     # lean trials: base weights up to this size stay loaded in the warm trial process from one trial to the
     # next (0: every trial reads them again)
     keep_weights_gb: float = Field(2.0, ge=0)
+    # memory one trial worker needs at its peak, in GB (a lean trial is one worker): told to Ray's scheduler, and
+    # the study runs only as many trials at once as fit. Default: estimated from the model and the batch
+    # (orchestrator/memory.py)
+    memory_gb: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _gpu_shares(self):

@@ -199,6 +199,9 @@ def start_study(study_dir: Path, uri: str, name: str, protocol: str, address: Op
     configure_output(study_dir, verbose, loggers=("ray",))  # before Ray logs anything
     study = PendingStudy(uri, name, study_dir, protocol, verbose)
     how = init_ray(address, num_cpus, num_gpus)
+    from .faults import install
+
+    install(verbose)  # a killed trial fails alone; Ray's error lines go to the study log (orchestrator/faults.py)
     if hasattr(progress, "note"):
         progress.note(f"Ray: {how}")
     return study
@@ -285,6 +288,35 @@ def note_prepared(prep: Optional[Background], progress) -> None:
         progress.note("built once, before the trials: " + ", ".join(done))
 
 
+def stated_memory_where(path: str | Path, overrides: list[str] | None) -> str:
+    """Where ``resources.memory_gb`` is set (``file:line (resources.memory_gb)`` or ``--set ...``), for messages."""
+    from trainables.config import _where, apply_overrides, load_yaml
+
+    data, lines = load_yaml(Path(path))
+    touched = apply_overrides(data, overrides)
+    return _where(str(path), ("resources", "memory_gb"), lines, touched)
+
+
+def plan_memory(resources, need, progress, study: Study, stage: str):
+    """The stage's resources with the concurrency memory allows and each trial's memory told to Ray's scheduler;
+    the plan is said on the console, in the study log and as a tag of the study run."""
+    import logging
+
+    from .memory import plan_stage
+
+    fit = plan_stage(resources, need)
+    line = f"{stage}: memory: {fit.message}"
+    logging.getLogger("ray.taalm").info("%s%s", line, f" [{need.describe()}]" if need else "")
+    if hasattr(progress, "note"):
+        progress.note(line)
+    try:
+        study.client.set_tag(study.parent_id, f"taalm.memory.{stage.split()[0]}", fit.message[:500])
+    except Exception:  # noqa: BLE001 (a tag is not worth stopping the study for)
+        pass
+    return resources.model_copy(update={"max_concurrent": fit.fits,
+                                        "memory_gb": round(fit.request_gb, 3) if fit.request_gb else None})
+
+
 def phi_cache_dir(meta_cfg: dict) -> Path:
     from trainables.models import cache_dir
 
@@ -350,40 +382,36 @@ def _seed_phi_cache(src: Path, d: Path) -> None:
 
 def _tune(specs: list[TrialSpec], info: dict, study: Study, name: str, study_dir: Path, spec: GridSpec,
           progress: Optional[Callable] = None, resume: bool = False):
+    """A grid's stage (its trials, or the meta stage) through the one Tuner builder (orchestrator/tuning.py); the
+    stage's resources are those of its trials (``specs[0].resources``: planned for memory)."""
     from ray import tune
 
-    from .ray_trainables import trial_driver, trial_resources
+    from .ray_trainables import trial_driver
+    from .tuning import build_tuner, fit
 
     callbacks: list = [MlflowTrials(study, info)]
     if progress is not None:
         callbacks.append(progress)
-    trainable = tune.with_resources(trial_driver, trial_resources(specs[0].resources, specs[0].kind))
     param_space = {"t": tune.grid_search([s.model_dump(mode="json") for s in specs])}
-    path = (study_dir / "tune" / name).resolve()
-    if resume and tune.Tuner.can_restore(str(path)):
-        # finished trials are kept; unfinished and errored ones run again from their latest checkpoint
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space).fit()
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent,
-                                    # a finished trial's process takes the next trial: no new process, no
-                                    # re-import, the base weights already loaded (lean trials)
-                                    reuse_actors=True,
-                                    trial_dirname_creator=lambda t: f"{t.config['t']['trial_key']}"),
-        run_config=tune.RunConfig(name=name, storage_path=str((study_dir / "tune").resolve()), callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-                                  verbose=0),
-    )
+    tuner, guard = build_tuner(trial_driver, name=name, study_dir=study_dir, resources=specs[0].resources,
+                               callbacks=callbacks, kind=specs[0].kind, param_space=param_space,
+                               dirname=lambda t: f"{t.config['t']['trial_key']}", resume=resume)
     try:
-        return tuner.fit()
+        return fit(tuner, guard, study_dir)
     except BaseException:
         # the MLflow side opened while Tune started: its error (e.g. an unreachable tracking server) is the one to show
         err = study.error() if isinstance(study, PendingStudy) else None
         if err is not None:
             raise err from None
         raise
+
+
+def _done_before(study: Study, keys: list[str], role: str = "trial") -> set[str]:
+    """The trial keys a resumed study had finished already (their MLflow runs are FINISHED)."""
+    runs = study.client.search_runs([study.experiment_id], f"tags.`taalm.role` = '{role}'", max_results=5000)
+    want = set(keys)
+    return {r.data.tags.get("taalm.trial_key") for r in runs
+            if r.info.status == "FINISHED" and r.data.tags.get("taalm.trial_key") in want}
 
 
 def meta_data_hash(meta_cfg: dict) -> str:
@@ -462,6 +490,11 @@ def run_meta_stage(spec: GridSpec, trials: list[Trial], meta_cfg: dict, study: S
                                       "workers": 1, "cpus_per_worker": meta_cpus,
                                       "torch_threads": max(1, int(meta_cpus))})))
     if todo:
+        from .memory import estimate_meta
+
+        res = plan_memory(todo[0].resources.model_copy(update={"max_concurrent": 1, "memory_gb": None}),
+                          estimate_meta(meta_cfg), progress, study, "meta-training φ")
+        todo = [t.model_copy(update={"resources": res}) for t in todo]
         if hasattr(progress, "expect"):
             progress.expect("meta-training φ", [(t.trial_key, t.label, None) for t in todo], 1)
         results = _tune(todo, info, study, f"{spec.name}-meta", study_dir, spec, progress, resume)
@@ -489,6 +522,10 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     faults = injected_faults([t.label for t in trials] + meta_labels)
     cpus = local_cpus(address, num_cpus, num_gpus)  # the local Ray instance's CPUs (None: a cluster)
     check_trial_cpus(spec.resources, cpus)
+    from .memory import check_stated
+
+    if spec.resources.memory_gb:
+        check_stated(spec.resources, stated_memory_where(grid_path, overrides), local=address is None)
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)
@@ -518,11 +555,19 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
         specs.append(TrialSpec(kind="temporalwiki" if spec.protocol == "temporalwiki" else "continual",
                                trial_key=t.key, label=t.label, config=cfg, resources=spec.resources,
                                storage_path=str((study_dir / "train").resolve()), inject_fault=faults.get(t.label)))
+    from .memory import estimate_trial
+
+    estimates = [estimate_trial(s.config, lean=s.resources.runs_lean(), keep_weights_gb=s.resources.keep_weights_gb,
+                                meta_cfg=meta_cfg) for s in specs]
+    need = None if any(e is None for e in estimates) else max(estimates, key=lambda e: e.total)
+    res = plan_memory(spec.resources, need, progress, study, "trials")
+    specs = [s.model_copy(update={"resources": res}) for s in specs]
     if hasattr(progress, "expect"):
         epochs = (lambda c: len(c["temporalwiki"]["periods"]) - 1) if spec.protocol == "temporalwiki" else \
             (lambda c: c["train"]["epochs"])
         progress.expect("trials", [(s.trial_key, f"{s.label} seed {s.config['seed']}", epochs(s.config))
-                                   for s in specs], spec.resources.max_concurrent)
+                                   for s in specs], res.max_concurrent,
+                        done_before=_done_before(study, [s.trial_key for s in specs]) if resume else None)
     results = _tune(specs, info, study, spec.name, study_dir, spec, progress, resume)
     failed = [r for r in results if r.error]
     study.finish("FAILED" if failed and len(failed) == len(specs) else "FINISHED")

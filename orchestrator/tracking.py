@@ -373,6 +373,12 @@ class MlflowTrials(tune.Callback):
         meta = self.info[key]
         last = trial.last_result or {}
         now = int(time.time() * 1000)
+        if isinstance(last.get("peak_rss_gb"), (int, float)):  # the trial process's peak memory (a warm process: so far)
+            self.study.client.set_tag(rid, "taalm.peak_rss_gb", f"{last['peak_rss_gb']:.3f}")
+        failure = self.study.client.get_run(rid).data.tags.get("taalm.failure")
+        if failure:  # an errored trial that `taalm resume` continued to its end: the failure is history now
+            self.study.client.set_tag(rid, "taalm.earlier_failure", failure)
+            self.study.client.delete_tag(rid, "taalm.failure")
         if meta["role"] == "trial":
             finals = [Metric(k, float(last[k]), now, 0) for k in SUMMARY
                       if isinstance(last.get(k), (int, float)) and last[k] == last[k]]
@@ -427,14 +433,18 @@ class MlflowTrials(tune.Callback):
 
 
 def failure_reason(trial) -> str:
-    """The last 'SomeError: message' line of a failed trial's error (or the tail of its text)."""
+    """One line saying why a trial failed (its last failure): what killed its process when something did (Ray's
+    memory monitor, a lost node, a signal), else the last 'SomeError: message' line of its error
+    (orchestrator/faults.py: describe_failure)."""
+    from .faults import describe_failure
+
     text = ""
     try:  # Tune writes the error text next to the trial before it calls the callbacks
         if trial.error_file and Path(trial.error_file).is_file():
             text = Path(trial.error_file).read_text()
     except OSError:
         pass
-    return error_line(text)
+    return describe_failure(text)
 
 
 def error_line(text: str) -> str:

@@ -357,6 +357,19 @@ CASES = [
     Case("run: release-style rho1 twice in a product", "out of range",
          RUN_TINY + ["--set", "weighting.scheme=rho1*rho1", "--set", "weighting.rho1.selection=release"],
          ["--set weighting.scheme", "may hold it once"]),
+    Case("grid: memory_gb 0", "out of range", ABLATE, ["g.yaml:3 (resources.memory_gb)", "greater than 0"],
+         grid("name: g\nbase: BASE\nresources: {memory_gb: 0}\n")),
+    Case("grid: memory_gb not a number", "wrong type", ABLATE, ["g.yaml:3 (resources.memory_gb)", "number"],
+         grid("name: g\nbase: BASE\nresources: {memory_gb: lots}\n")),
+    Case("grid: memory_gb beyond this machine", "out of range", ABLATE,
+         ["g.yaml:3 (resources.memory_gb)", "100000 GB per trial worker", "more than this machine's"],
+         grid("name: g\nbase: BASE\nresources: {memory_gb: 100000}\n")),
+    Case("search: --set memory_gb beyond this machine", "out of range",
+         TUNE + ["--set", "resources.memory_gb=100000"], ["--set resources.memory_gb", "more than this machine's"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\n")),
+    Case("tune: fault injection with a label", "unknown name", TUNE, ["TAALM_INJECT_FAULT=1:Finetune",
+                                                                     "a search's trials have no labels"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\n"), env={"TAALM_INJECT_FAULT": "1:Finetune"}),
     Case("ablate: fault injection for an unknown label", "unknown name",
          ["ablate", str(SMOKE), "--out", "{T}/studies"], ["TAALM_INJECT_FAULT=1:Finetun", "Finetune, Oracle"],
          env={"TAALM_INJECT_FAULT": "1:Finetun"}),
@@ -516,7 +529,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 134
+N_CASES = 139
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 

@@ -110,3 +110,43 @@ def test_chatter_goes_to_the_study_log_not_the_console(tmp_path, capsys):
     text = log.read_text()
     assert log == tmp_path / "logs" / "study.log"
     assert "Started a local Ray instance." in text and "a real error" in text
+
+
+def test_a_resumed_console_is_this_process_and_counts_what_was_done_before():
+    """`taalm resume` restores Tune's experiment, callbacks included (pickled): the console it gets back is this
+    process's (its clock started with the resume, not with the interrupted attempt), and the trials finished before
+    the resume are counted as done, not timed."""
+    import pickle
+
+    old, _ = _console(interactive=False)
+    old.t0 -= 1275  # the interrupted attempt started 21:15 before
+    saved = pickle.dumps(old)  # what Tune keeps in its experiment state
+    new, buf = _console(interactive=False)
+    new.activate()
+    restored = pickle.loads(saved)
+    assert restored is new and restored.t0 == new.t0
+    new.expect("trials", [("a", "Finetune seed 0", 2), ("b", "TAALM seed 0", 2), ("c", "Oracle seed 0", 2)], 1,
+               done_before={"a", "b"})
+    c = _trial("c")
+    restored.on_trial_start(0, [], c)
+    _epoch(restored, c, 1, 0.5, 1.0)
+    _epoch(restored, c, 2, 0.75, 1.0)
+    restored.on_trial_complete(0, [], c)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "g: trials: 3 trial(s), 1 at a time, 2 done before this resume"
+    done = [x for x in lines if x.startswith("trial done: Oracle seed 0")]
+    assert len(done) == 1 and "(3/3 done (2 before this resume), " in done[0], lines
+
+
+def test_a_restored_console_with_none_showing_prints_nothing(capsys):
+    import pickle
+
+    from orchestrator import console as mod
+
+    c, _ = _console(interactive=False)
+    saved = pickle.dumps(c)
+    mod._ACTIVE.pop("console", None)
+    restored = pickle.loads(saved)
+    assert not isinstance(restored, StudyConsole)
+    restored.on_trial_start(0, [], _trial("a"))
+    assert capsys.readouterr().err == ""

@@ -84,3 +84,25 @@ def test_the_private_ray_call_that_turns_token_auth_on_still_exists():
     src = inspect.getsource(authentication_token_setup._enable_token_auth)
     assert "RAY_AUTH_MODE" in src or "AUTH_MODE_ENV_VAR" in src
     assert "Config.initialize(" in src, "Ray turns token authentication on another way now: update _token_auth_on"
+
+
+def test_the_ray_internals_orchestrator_faults_patches_still_exist():
+    """orchestrator/faults.py wraps Tune's actor manager's `_actor_task_failed` (which re-raises an actor task's
+    OutOfMemoryError / NodeDiedError instead of failing the trial) and the driver's `print_to_stdstream` (which
+    prints the raylet's error lines on stdout); orchestrator/tuning.py stops a study through the SIGUSR1 handler
+    Tune installs. A Ray that renamed any of them would silently bypass the handling."""
+    import inspect
+
+    import ray._private.worker as worker
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.tune import tune as tune_module
+
+    src = inspect.getsource(RayActorManager._actor_task_failed.__wrapped__
+                            if hasattr(RayActorManager._actor_task_failed, "__wrapped__")
+                            else RayActorManager._actor_task_failed)
+    assert "RayActorError" in src and "RayTaskError" in src, "Tune's _actor_task_failed changed: review faults.py"
+    assert "print_to_stdstream(" in inspect.getsource(worker.listen_error_messages), \
+        "Ray's driver no longer prints raylet errors through print_to_stdstream: review faults.py"
+    setup = inspect.getsource(tune_module._setup_signal_catching)
+    assert "SIGUSR1" in setup and "def signal_interrupt_tune_run" in setup, \
+        "Tune's SIGUSR1 stop handler changed: review tuning.py StudyGuard._stop"

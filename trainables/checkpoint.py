@@ -8,6 +8,7 @@ temporary directory and renamed, so a crash never leaves a half-written checkpoi
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -39,13 +40,67 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+class StorageError(OSError):
+    """A write the disk refused (no space, read-only, a quota or file-size limit), naming the path and the free
+    space there: the file it replaces is untouched (writes are atomic), and once there is room the run resumes."""
+
+
+# errno values of a disk that refuses a write (EPERM: an immutable directory, `chattr +i`)
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM)
+
+
+def free_space(path) -> str:
+    """'12.3 GB free on DIR' for the nearest existing directory of ``path``."""
+    p = Path(path)
+    for cand in [p, *p.parents]:
+        try:
+            if cand.is_dir():
+                free = shutil.disk_usage(cand).free
+                size = next(f"{free / s:.1f} {u}" for u, s in (("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10),
+                                                               ("B", 1)) if free >= s or u == "B")
+                return f"{size} free on {cand}"
+        except OSError:
+            continue
+    return "free space unknown"
+
+
+def storage_error(exc: OSError, what: str, path) -> StorageError:
+    """'cannot write WHAT: WHY (N GB free on DIR)'; ``what`` names the path (``{path}`` is filled in)."""
+    why = exc.strerror or str(exc).splitlines()[0][:200]
+    return StorageError(f"cannot write {what.replace('{path}', str(path))}: {why} ({free_space(path)})")
+
+
+@contextmanager
+def _refused_as_storage_error(what: str, path):
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise storage_error(e, what, e.filename or path) from e
+    except SafetensorError as e:  # safetensors reports the OS error inside its own: "... (os error 27)"
+        import re
+
+        code = re.search(r"(?:os error |Os \{ code: )(\d+)", str(e))
+        if code is None or int(code.group(1)) not in DISK_ERRNOS:
+            raise
+        raise storage_error(OSError(int(code.group(1)), os.strerror(int(code.group(1)))), what, path) from e
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    with _refused_as_storage_error(str(path), path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+                fh.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # a write cut short (disk full) leaves no temporary file behind
+            raise
 
 
 @contextmanager
@@ -64,19 +119,27 @@ def exclusive(path: Path):
 
 @contextmanager
 def atomic_directory(directory: Path):
-    """Yield a temporary sibling directory; on success it replaces ``directory`` (never half-written)."""
+    """Yield a temporary sibling directory; on success it replaces ``directory`` (never half-written). A write the
+    disk refuses is a :class:`StorageError` naming the directory and the free space; ``directory`` is left as it
+    was."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
-    try:
-        yield tmp
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _refused_as_storage_error(str(directory), directory.parent):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
+        try:
+            yield tmp
+            old = directory.with_name(directory.name + ".old")
+            if directory.exists():
+                os.replace(directory, old)
+            try:
+                os.replace(tmp, directory)
+            except OSError:
+                if old.exists() and not directory.exists():
+                    os.replace(old, directory)  # put the previous version back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,229 @@
+"""Faults a machine makes, as the study sees them: a trial's process killed from outside, a node lost, a write
+refused by a full or read-only disk.
+
+What this module changes, and why (Ray 2.60, read from the installed source):
+
+* **A killed trial is a failed trial.** Tune's actor manager (``ray/air/execution/_internal/actor_manager.py``,
+  ``RayActorManager._actor_task_failed``) knows two kinds of failed actor task: ``RayActorError`` (the actor
+  died: Tune cleans it up and fails the trial, which ``FailureConfig.max_failures`` may retry) and
+  ``RayTaskError`` (the trial's code raised). Anything else it re-raises as ``RuntimeError("Caught unexpected
+  exception")`` and the whole study stops. But a trial process killed by Ray's memory monitor fails its
+  running task with ``OutOfMemoryError``, a lost node with ``NodeDiedError``, a crashed worker with
+  ``WorkerCrashedError``: all ``RayError`` s that are neither. :func:`install` makes the actor manager read
+  every such error as what it is, the death of the trial's actor (:class:`TrialProcessLost`, a
+  ``RayActorError`` carrying the original message), so Tune fails the trial, retries it under
+  ``max_failures`` from its last checkpoint, and the other trials go on.
+* **Ray's own error lines stay off the console.** The driver prints every error the raylet publishes (a worker
+  killed, the memory monitor's 30-line report) on stdout, prefixed ``(raylet)``, from a thread of its own
+  (``ray._private.worker.listen_error_messages`` -> ``print_to_stdstream``). :func:`install` sends those lines
+  to the ``ray`` logger instead (the study log); ``--verbose`` leaves them on the console. The study's console
+  says the same in one line per trial (:func:`describe_failure`).
+
+Both patches are checked against the installed Ray by ``tests/test_install.py`` (the names still exist) and by
+the fault tests that need them (tests/test_faults.py).
+
+:func:`describe_failure` turns a trial's error text into one line ("killed by Ray's memory monitor: node at 95 %
+of 23.5 GB (threshold 95 %)"); :func:`storage_fault` says whether a failure is a write the disk refused (the
+study then stops: every other trial would hit the same disk), :func:`study_stop_message` what the CLI prints
+when the study cannot go on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+from ray.exceptions import RayActorError
+
+_log = logging.getLogger("ray.taalm")
+
+
+class TrialProcessLost(RayActorError):
+    """The trial's actor process is gone (memory monitor, node lost, worker crashed): a ``RayActorError`` for
+    Tune, with the original error's type and message."""
+
+    def __init__(self, message: str = "", actor_id: Optional[str] = None):
+        super().__init__(actor_id=actor_id, error_msg=message)
+
+    @classmethod
+    def from_cause(cls, cause: BaseException) -> "TrialProcessLost":
+        return cls(f"{type(cause).__name__}: {cause}")
+
+
+def _is_process_loss(exc: BaseException) -> bool:
+    from ray.exceptions import RayError, RayTaskError
+
+    return isinstance(exc, RayError) and not isinstance(exc, (RayTaskError, RayActorError))
+
+
+def _patch_actor_manager() -> None:
+    from ray.air.execution._internal.actor_manager import RayActorManager
+
+    original = RayActorManager._actor_task_failed
+    if getattr(original, "_taalm_patched", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception):
+        if _is_process_loss(exception):  # the actor's process died: Tune's own handling of a dead actor
+            exception = TrialProcessLost.from_cause(exception)
+        return original(self, tracked_actor_task, exception)
+
+    _actor_task_failed._taalm_patched = True
+    _actor_task_failed.__wrapped__ = original
+    RayActorManager._actor_task_failed = _actor_task_failed
+
+
+_VERBOSE = {"on": False}
+
+
+def _patch_error_printer() -> None:
+    import ray._private.worker as worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "_taalm_patched", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") in ("raylet", "autoscaler") and not _VERBOSE["on"]:
+            for line in data.get("lines", []):
+                _log.warning("(%s) %s", data.get("pid"), line)
+            return
+        return original(data, ignore_prefix)
+
+    print_to_stdstream._taalm_patched = True
+    print_to_stdstream.__wrapped__ = original
+    worker.print_to_stdstream = print_to_stdstream
+
+
+def install(verbose: Optional[bool] = None) -> None:
+    """In the study's driver, before Tune runs: dead trial processes fail their trial (not the study), and
+    Ray's error lines go to the study log (on the console too with ``verbose``; None: as set before).
+    Idempotent."""
+    if verbose is not None:
+        _VERBOSE["on"] = bool(verbose)
+    _patch_actor_manager()
+    _patch_error_printer()
+
+
+# ---- one line per failure ------------------------------------------------------------------------------------
+
+_MONITOR = re.compile(r"was ([\d.]+)GB used / ([\d.]+)GB limit \(([\d.]+)\)")
+_THRESHOLD = re.compile(r"threshold of \d+B \(([\d.]+)% of")
+_KILLED = re.compile(r"Selected to kill:.*?pid=(\d+), actual memory used=([\d.]+)GB", re.S)
+_PID = re.compile(r"^\s*pid: (\d+)", re.M)
+_NODE = re.compile(r"(?:[Nn]ode [Ii][Dd]|node_id)[:= ]+([0-9a-f]{8,})")
+
+
+def last_failure(text: str) -> str:
+    """Tune appends every failure of a trial to its error file (``Failure # N (occurred at ...)``): the last."""
+    parts = re.split(r"^Failure # \d+ \(occurred at [^)]*\)\s*$", text or "", flags=re.M)
+    return parts[-1].strip() if parts else ""
+
+
+def describe_failure(text: str) -> str:
+    """One line saying why a trial failed, from its error text: what killed its process when something did
+    (Ray's memory monitor, a lost node, a signal or the kernel), else the error's last ``SomeError: message``
+    line (:func:`orchestrator.tracking.error_line`)."""
+    from .tracking import error_line
+
+    text = last_failure(text)
+    m = _MONITOR.search(text)
+    if m and ("memory monitor" in text or "low on memory" in text or "OutOfMemoryError" in text):
+        used, limit, frac = float(m.group(1)), float(m.group(2)), float(m.group(3))
+        t = _THRESHOLD.search(text)
+        k = _KILLED.search(text)
+        line = f"killed by Ray's memory monitor: node at {frac * 100:.0f} % of {limit:.1f} GB ({used:.1f} GB used"
+        line += f", threshold {float(t.group(1)):.0f} %)" if t else ")"
+        if k:
+            line += f"; the trial's process (pid {k.group(1)}) used {float(k.group(2)):.2f} GB"
+        return line
+    if "NodeDiedError" in text or "its node has died" in text or "node has died" in text.lower():
+        n = _NODE.search(text)
+        return "the node running the trial was lost" + (f" (node {n.group(1)[:12]})" if n else "") + \
+            ": the trial runs again elsewhere when retries are left (resources.max_failures)"
+    if "WorkerCrashedError" in text or ("actor died" in text.lower() and "worker process has died" in text):
+        p = _PID.search(text)
+        who = f"the trial's process (pid {p.group(1)})" if p else "the trial's process"
+        return (f"{who} died unexpectedly: killed from outside (SIGKILL, the kernel's OOM killer) or crashed "
+                f"(SIGSEGV); see the study log")
+    # "trainables.checkpoint.StorageError: ..." -> "StorageError: ..." (the class says it; the module does not)
+    return re.sub(r"^(?:[a-z_]\w*\.)+(?=[A-Z]\w*(?:Error|Exception)\b)", "", error_line(text))
+
+
+# ---- writes the disk refuses ---------------------------------------------------------------------------------
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file too large for the file system or its limit", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+_DISK_TEXT = ("No space left on device", "Read-only file system", "Disk quota exceeded", "File too large",
+              "database or disk is full", "attempt to write a readonly database", "disk I/O error")
+_SQLITE_TEXT = _DISK_TEXT[-3:]  # SQLite's words for a write the disk refused (full, read-only, an I/O error)
+
+
+def storage_fault(reason: str) -> bool:
+    """Whether a trial's failure is a write the disk refused (full, read-only, quota): nothing a retry fixes."""
+    return "StorageError" in reason or any(t in reason for t in _DISK_TEXT)
+
+
+def disk_error(exc: BaseException) -> Optional[BaseException]:
+    """The write error in an exception's chain (``__cause__`` / ``__context__``, Tune wraps what its callbacks
+    raise), if it is one: an OSError with a disk errno, a StorageError, or SQLite's "disk is full" /
+    "readonly database"."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "StorageError":
+            return exc
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return exc
+        if any(t in str(exc) for t in _SQLITE_TEXT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_disk_error(exc: BaseException, fallback_path: Optional[str] = None) -> str:
+    """'cannot write PATH: WHAT (N GB free on MOUNT)' for a refused write."""
+    from trainables.checkpoint import free_space
+
+    if type(exc).__name__ == "StorageError":
+        return str(exc)
+    if isinstance(exc, OSError):
+        path = exc.filename or fallback_path or "?"
+        what = exc.strerror or DISK_ERRNOS.get(exc.errno, str(exc))
+        return f"cannot write {path}: {what} ({free_space(path)})"
+    path = fallback_path or "?"
+    what = next((t for t in _SQLITE_TEXT if t in str(exc)), str(exc).splitlines()[0][:200])
+    return f"cannot write {path}: {what} ({free_space(path)})"
+
+
+def study_stop_message(exc: BaseException, study_dir: Path, store: Optional[str] = None) -> str:
+    """What the CLI says when Tune itself cannot go on: one line of cause (the disk's, when a write was refused:
+    the path and the free space)."""
+    disk = disk_error(exc)
+    if disk is not None:
+        return describe_disk_error(disk, store)
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in _chain(exc))
+    return describe_failure(text) if text else type(exc).__name__
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes, innermost last (what Tune wraps: a callback's error, the actor manager's)."""
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+class StudyStopped(Exception):
+    """The study stopped before its trials ended (a refused write, an interrupt): everything finished so far is
+    kept, and ``taalm resume`` continues it."""
+
+    def __init__(self, reason: str, study_dir: Optional[Path] = None, unfinished: int = 0):
+        super().__init__(reason)
+        self.reason, self.study_dir, self.unfinished = reason, study_dir, unfinished

@@ -1,0 +1,323 @@
+"""How much memory a trial needs at its peak, and how many trials fit at once.
+
+A documented formula, not a measurement at start-up (a measuring run would cost a model load per study); its
+error against measured peaks is in docs/RELIABILITY.md ("Memory that fits") and bench/results/memory_estimate.json
+(``bench/memory_estimate.py`` measures the peak resident memory of real runs and compares).
+
+For a Llama-architecture θ (hidden size h, L layers, MLP width m, vocabulary V, n_h attention heads, parameters P,
+b bytes per value of ``model.dtype``), a continual / TemporalWiki trial at batch B and length T holds at its peak
+
+    R                                    the process: Python, torch, transformers, Ray's worker (RUNTIME_GB, measured)
+  + P·b · copies                         θ (twice while a model loads from disk: the file's tensors and the model's);
+                                         + the warm process's kept copy (lean trials, when P·b <= keep_weights_gb);
+                                         + a frozen copy when a method needs the initial θ and the parameterisation
+                                         keeps one (full, kadapter); + φ's body (its first k layers) for TAALM
+  + P_train·b · (1 + 1 + s)              trainable weights' gradient, one optimiser temporary, s states (AdamW 2, SGD 0)
+  + max(train step, evaluation)          the larger of
+        B·T·L·(A·h + M·m)·b + 2·B·n_h·T²·L·b     activations kept for the backward pass (eager attention's
+                                                   scores and probabilities are the T² term)
+      + B·T·V·4·3                                logits, their log-softmax and its gradient, float32
+    and E·T_e·V·4·2                              the evaluation batch's logits (E = eval.batch_size, T_e = min(T, 64))
+
+with A = 16 and M = 4 (tensors of width h and m each layer keeps: norms, q/k/v, rotary, attention output,
+residuals; gate, up, activation, product). Meta-training (the stage runs alone) adds the second-order graph:
+per vmapped example (G = meta.vmap_chunk or meta.batch_size) and per differentiable inner step, θ's trainable
+parameters three times (θ', its gradient, the update) and the activations of one document twice (forward and
+the graph of its gradient), plus φ's activations, plus a fixed cost (META_FIXED_GB, vmapped or sequential) fitted
+to measurements on `tiny` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+GB = 2 ** 30
+RUNTIME_GB = 0.45  # measured: a Ray worker that imported what a trial imports, before it loads a model (bench/memory_estimate.py)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+A_H, A_M = 16, 4
+# meta-training: a fixed cost on top of the formula's graph, fitted to `tiny`'s measured peaks (bench/memory_estimate.py:
+# 2.5-2.6 GB vmapped whatever the meta-batch, length or validation batch; 1.1 GB one example at a time), not
+# measured on a larger model: the stage runs alone, the figure decides what Ray reserves for it and the warning
+META_FIXED_GB = {"vmap": 2.05, "sequential": 0.6}
+
+SMOLLM2_135M = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
+TOKENIZER_VOCAB = 49152  # SmolLM2's tokenizer (tiny uses it too)
+
+
+@dataclass
+class Arch:
+    h: int
+    layers: int
+    m: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool = True
+
+    @property
+    def h_kv(self) -> int:
+        return self.h * self.kv_heads // self.heads
+
+    def layer_params(self) -> int:
+        h, m = self.h, self.m
+        return 2 * h * h + 2 * h * self.h_kv + 3 * h * m + 2 * h
+
+    def params(self, layers: Optional[int] = None) -> int:
+        n = self.layers if layers is None else min(layers, self.layers)
+        embed = self.vocab * self.h
+        return embed + n * self.layer_params() + self.h + (0 if self.tied else embed)
+
+    def lora_params(self, r: int) -> int:
+        """LoRA on every linear layer of the body (peft's all-linear: the output head excluded)."""
+        h, m, kv = self.h, self.m, self.h_kv
+        per_layer = r * ((h + h) + (h + kv) + (h + kv) + (h + h) + (h + m) + (h + m) + (m + h))
+        return self.layers * per_layer
+
+
+def arch_of(model: dict) -> Optional[Arch]:
+    """θ's architecture from its model config (``model`` section): tiny's numbers, SmolLM2-135M's, or a local
+    directory's config.json; None when unknown (a hub id not on disk)."""
+    name = model.get("name", "tiny")
+    if name == "tiny":
+        t = model.get("tiny") or {}
+        return Arch(t.get("hidden_size", 64), t.get("num_layers", 2), t.get("intermediate_size", 128), TOKENIZER_VOCAB,
+                    t.get("num_heads", 4), t.get("num_kv_heads", 2))
+    if name == "smollm2-135m":
+        c = SMOLLM2_135M
+    else:
+        src = name[3:] if name.startswith("hf:") else name
+        f = Path(src).expanduser() / "config.json"
+        try:
+            c = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return None
+    try:
+        return Arch(c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"],
+                    c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"],
+                    bool(c.get("tie_word_embeddings", False)))
+    except (KeyError, TypeError):
+        return None
+
+
+def _trainable(arch: Arch, params: dict) -> tuple[int, bool]:
+    """(trainable parameters, whether a frozen copy backs the reference model)."""
+    kind = params.get("kind", "lora")
+    if kind in ("lora", "qlora"):
+        return arch.lora_params(int(params.get("r", 64))), False
+    if kind == "kadapter":
+        k = params.get("kadapter") or {}
+        n = len(k.get("layers") or []) or 3
+        return n * 2 * arch.h * int(k.get("bottleneck", 64)), True
+    return arch.params(), True
+
+
+def _schemes(cfg: dict) -> list[str]:
+    s = (cfg.get("weighting") or {}).get("scheme", "uniform")
+    names = s if isinstance(s, list) else str(s).split("*")
+    return [n.strip() for n in names]
+
+
+def _needs_initial_theta(cfg: dict) -> bool:
+    w = cfg.get("weighting") or {}
+    schemes = _schemes(cfg)
+    rho1 = "rho1" in schemes or ((w.get("random") or {}).get("match") == "rho1")
+    return (rho1 and (w.get("rho1") or {}).get("reference", "initial") == "initial") or \
+        (cfg.get("replay") or {}).get("kind") in ("gere", "seekr")
+
+
+def _phi_layers(cfg: dict, meta_cfg: Optional[dict]) -> Optional[int]:
+    phi = ((cfg.get("weighting") or {}).get("train_attention") or {}).get("phi")
+    if phi:
+        try:
+            return (json.loads((Path(phi) / "phi.json").read_text()).get("phi") or {}).get("num_layers")
+        except (OSError, ValueError, AttributeError):
+            pass
+    if meta_cfg:
+        return (meta_cfg.get("phi") or {}).get("num_layers")
+    return None
+
+
+def _activations(arch: Arch, batch: int, length: int, b: int) -> float:
+    per_layer = batch * length * (A_H * arch.h + A_M * arch.m) * b + 2 * batch * arch.heads * length ** 2 * b
+    return arch.layers * per_layer
+
+
+def _logits(arch: Arch, batch: int, length: int, copies: int) -> float:
+    return batch * length * arch.vocab * 4 * copies
+
+
+@dataclass
+class Estimate:
+    """A trial's peak memory (bytes) and its parts, for the message and the docs."""
+
+    total: float
+    parts: dict
+
+    @property
+    def gb(self) -> float:
+        return self.total / GB
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items() if v) + " GB"
+
+
+def estimate_trial(cfg: dict, lean: bool = True, keep_weights_gb: float = 2.0,
+                   meta_cfg: Optional[dict] = None) -> Optional[Estimate]:
+    """Peak memory of one continual / TemporalWiki trial (one worker) with run config ``cfg`` (a dict), or None when
+    θ's architecture is unknown."""
+    arch = arch_of(cfg.get("model") or {})
+    if arch is None:
+        return None
+    b = DTYPE_BYTES.get((cfg.get("model") or {}).get("dtype", "float32"), 4)
+    train, ev = cfg.get("train") or {}, cfg.get("eval") or {}
+    weights = arch.params() * b
+    copies = 1.0 if (cfg.get("model") or {}).get("name", "tiny") == "tiny" else 2.0  # loading: file and model at once
+    if lean and weights <= keep_weights_gb * GB:
+        copies += 1  # the warm process keeps the base weights loaded for the next trial
+    n_train, frozen = _trainable(arch, cfg.get("params") or {})
+    if _needs_initial_theta(cfg) and frozen:
+        copies += 1
+    if "train_attention" in _schemes(cfg):
+        k = _phi_layers(cfg, meta_cfg)
+        copies += arch.params(k) / arch.params()
+    states = 2 if train.get("optimizer", "adamw") == "adamw" else 0
+    reg = (cfg.get("regularizer") or {}).get("kind", "none")
+    trainable = n_train * b * (2 + states + (2 if reg in ("ewc", "recadam") else 0))
+    B, T = int(train.get("batch_size", 8)), int(train.get("max_length", 512))
+    replay = cfg.get("replay") or {}
+    if replay.get("kind", "none") != "none":
+        B = int(B * (1 + float(replay.get("ratio", 1.0) or 0)))  # replayed documents share the step
+    step = _activations(arch, B, T, b) + _logits(arch, B, T, 3)
+    evaluation = _logits(arch, int(ev.get("batch_size", 32)), min(T, 64), 2)
+    parts = {"runtime": RUNTIME_GB * GB, "weights": weights * copies, "trainable state": trainable,
+             "activations": max(step, evaluation)}
+    return Estimate(sum(parts.values()), parts)
+
+
+def estimate_meta(meta_cfg: dict) -> Optional[Estimate]:
+    """Peak memory of a meta-training trial (θ, φ and the second-order graph of a vmapped group of examples)."""
+    arch = arch_of(meta_cfg.get("model") or {})
+    if arch is None:
+        return None
+    b = DTYPE_BYTES.get((meta_cfg.get("model") or {}).get("dtype", "float32"), 4)
+    m = meta_cfg.get("meta") or {}
+    phi = meta_cfg.get("phi") or {}
+    k = phi.get("num_layers")
+    n_train, frozen = _trainable(arch, meta_cfg.get("params") or {"kind": "lora", "r": 8})
+    n_phi, _ = _trainable(Arch(arch.h, k or arch.layers, arch.m, arch.vocab, arch.heads, arch.kv_heads),
+                          phi.get("params") or {"kind": "lora", "r": 8})
+    T = int(m.get("max_length", 512))
+    G = int(m.get("vmap_chunk") or m.get("batch_size", 16)) if m.get("batching", "vmap") == "vmap" else 1
+    steps = int(m.get("inner_steps", 1))
+    loaded = 1 if (meta_cfg.get("model") or {}).get("name", "tiny") == "tiny" else 2
+    weights = arch.params() * b * (loaded + (1 if frozen else 0)) + arch.params(k) * b
+    phi_state = n_phi * b * 4  # φ, its gradient, AdamW's two states
+    phi_arch = Arch(arch.h, k or arch.layers, arch.m, arch.vocab, arch.heads, arch.kv_heads)
+    per_example = steps * (3 * n_train * b + 2 * (_activations(arch, 1, T, b) + _logits(arch, 1, T, 3))) \
+        + _activations(phi_arch, 1, T, b)
+    parts = {"runtime": RUNTIME_GB * GB, "weights": weights, "trainable state": phi_state,
+             "second-order graph": G * per_example,
+             "fixed (fitted)": META_FIXED_GB["vmap" if m.get("batching", "vmap") == "vmap" else "sequential"] * GB}
+    return Estimate(sum(parts.values()), parts)
+
+
+# ---- how many fit ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Fit:
+    asked: int
+    fits: int  # trials at once that the memory holds (>= 1: a trial too large still runs, alone)
+    need_gb: float  # per worker
+    source: str  # "estimated" | "resources.memory_gb"
+    message: str
+    request_gb: float  # what Ray's scheduler is told per worker (at most the largest node's memory)
+
+
+def node_memory() -> list[float]:
+    """Bytes of Ray's ``memory`` resource of every alive node (what Ray lets tasks and actors reserve)."""
+    import ray
+
+    return [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
+
+
+def machine_memory() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().total)
+
+
+def plan(need_bytes: Optional[float], stated_gb: Optional[float], asked: int, workers: int,
+         nodes: list[float], machine: float, gpu: Optional[tuple[int, float]] = None,
+         gpus_per_worker: float = 0.0) -> Fit:
+    """How many trials of ``workers`` workers, each needing ``need_bytes`` (or the user's ``stated_gb``), fit on
+    ``nodes`` (Ray's memory per node) and, when trials use GPUs, on ``gpu`` = (number of GPUs, bytes each; None:
+    unknown). Returns the concurrency to run at and the message saying why."""
+    source = "resources.memory_gb" if stated_gb else "estimated"
+    need = stated_gb * GB if stated_gb else need_bytes
+    if not need or not nodes:
+        why = "memory per trial unknown (set resources.memory_gb)" if not need else "no node reports its memory"
+        return Fit(asked, asked, 0.0, source, f"{asked} at a time; {why}", 0.0)
+    per_node = [int(n // need) for n in nodes]
+    fits = sum(per_node) // max(1, workers)
+    largest = max(nodes)
+    where = (f"{largest / GB:.1f} GB Ray holds for trials of this machine's {machine / GB:.1f} GB" if len(nodes) == 1
+             else f"{sum(nodes) / GB:.1f} GB Ray holds for trials on {len(nodes)} nodes")
+    what = f"a trial needs {need / GB:.2f} GB ({source})" if workers == 1 else \
+        f"a trial's {workers} workers need {need / GB:.2f} GB each ({source})"
+    gpu_note = ""
+    if gpus_per_worker > 0:
+        if gpu is None:
+            gpu_note = "; GPU memory unknown here (no CUDA in this process): not capped by it"
+        else:
+            n_gpu, per_gpu = gpu
+            slots = int(math.floor(1 / gpus_per_worker + 1e-9)) if gpus_per_worker < 1 else 1
+            per = min(slots, int(per_gpu // need)) if gpus_per_worker < 1 else (1 if per_gpu >= need else 0)
+            gfit = (n_gpu * per if gpus_per_worker < 1 else int(n_gpu // gpus_per_worker)) // max(1, workers)
+            gpu_note = f"; {gfit} fit on {n_gpu} GPU(s) of {per_gpu / GB:.1f} GB"
+            fits = min(fits, gfit) if per else fits
+    if fits < 1:
+        return Fit(asked, 1, need / GB, source,
+                   f"{what}, more than {where}: one at a time, and Ray's memory monitor may stop it{gpu_note}",
+                   min(need, largest) / GB)
+    if fits < asked:
+        msg = f"{asked} at a time asked, {fits} fit{'s' if fits == 1 else ''} in {where}: {what}{gpu_note}"
+    else:
+        msg = f"{what}; {asked} at a time (up to {fits} fit in {where}){gpu_note}"
+    return Fit(asked, min(asked, fits), need / GB, source, msg, need / GB)
+
+
+def gpu_memory() -> Optional[tuple[int, float]]:
+    """(number of CUDA devices, bytes of the first) in this process, or None when CUDA is not available here."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count():
+            return torch.cuda.device_count(), float(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001 (a broken CUDA install: unknown)
+        return None
+    return None
+
+
+def plan_stage(resources, need: Optional[Estimate]) -> Fit:
+    """:func:`plan` for a study stage on the Ray instance this process is attached to."""
+    gpu = gpu_memory() if resources.gpus_per_worker > 0 else None
+    return plan(need.total if need else None, resources.memory_gb, resources.max_concurrent, resources.workers,
+                node_memory(), machine_memory(), gpu, resources.gpus_per_worker)
+
+
+def check_stated(resources, where: str, local: bool) -> None:
+    """Bad input before anything starts: a stated ``resources.memory_gb`` more than this machine's memory, on the
+    local instance a study would start (a cluster's nodes are known once attached: there it is planned, not
+    refused)."""
+    from trainables.errors import InputError
+
+    if resources.memory_gb and local:
+        total = machine_memory()
+        if resources.memory_gb * GB > total:
+            raise InputError(where, f"{resources.memory_gb:g} GB per trial worker, more than this machine's "
+                                    f"{total / GB:.1f} GB (Ray lets trials reserve about 70 % of the free memory)")
