@@ -261,7 +261,8 @@ def test_rho1_release_loss_in_train_step_is_sum_nll_w_over_k_real_tokens(tiny_cf
     w = index_as_rank(target_probs(out.logits, b["input_ids"]) - table, 0.5) * mask
     expected = ((nll * w).sum(dim=1) / (0.5 * mask.sum(dim=1))).mean().item()
     opt = torch.optim.SGD(list(setup.trainable.values()), lr=0.0)
-    loss, mean_w, _ = train_step(setup, opt, [setup.docs[i] for i in range(4)], torch.Generator().manual_seed(0))
+    loss, mean_w, _ = train_step(setup, opt, [setup.docs[i] for i in range(4)], torch.Generator().manual_seed(0),
+                                 replay_round=0, step=0)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert mean_w == pytest.approx((w.sum() / mask.sum()).item(), rel=1e-6)
 
