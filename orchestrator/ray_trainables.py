@@ -214,7 +214,6 @@ class _writes:
         return self
 
     def __exit__(self, kind, exc, tb):
-        import errno
         import re
 
         from trainables.checkpoint import DISK_ERRNOS, StorageError, storage_error

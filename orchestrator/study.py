@@ -290,7 +290,7 @@ def note_prepared(prep: Optional[Background], progress) -> None:
 
 def stated_memory_where(path: str | Path, overrides: list[str] | None) -> str:
     """Where ``resources.memory_gb`` is set (``file:line (resources.memory_gb)`` or ``--set ...``), for messages."""
-    from trainables.config import _where, apply_overrides, load_yaml
+    from trainables.configio import _where, apply_overrides, load_yaml
 
     data, lines = load_yaml(Path(path))
     touched = apply_overrides(data, overrides)

@@ -24,7 +24,7 @@ from . import seeds
 from .checkpoint import load_loop_checkpoint, save_loop_checkpoint, write_json_atomic
 from .config import RunConfig, config_to_dict
 from .data import LamaCKL, Split, load_lama
-from .encode import EncodedDoc, collate, encode_documents, encode_probes
+from .encode import EncodedDoc, encode_documents, encode_probes
 from .errors import InputError
 from .loop import Callback, Report, check_resumable
 from .loss import token_nll

@@ -58,9 +58,8 @@ def _split(docs: list, parts: int) -> list[list]:
     return [docs[n * i // parts:n * (i + 1) // parts] for i in range(parts)]
 
 
-# ``setup`` is a trainables.continual.RunSetup, ``dp`` its DataParallel (named, not imported: continual imports this)
-def train_step(setup: "RunSetup", optimizer, batch_docs: list[EncodedDoc], generator,
-               dp: Optional["DataParallel"] = None, *, replay_round: int, step: int,
+# ``setup`` is a trainables.continual.RunSetup, ``dp`` its DataParallel (not imported: continual imports this module)
+def train_step(setup, optimizer, batch_docs: list[EncodedDoc], generator, dp=None, *, replay_round: int, step: int,
                micro_batch_size: Optional[int] = None) -> tuple[float, float, int]:
     """One weighted update on a global batch (this worker's shard of it under data parallelism), with
     the replay method's documents mixed in and every component's extra loss added. ``replay_round`` and
@@ -95,7 +94,7 @@ def train_step(setup: "RunSetup", optimizer, batch_docs: list[EncodedDoc], gener
     return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[3].item())
 
 
-def _forward_backward(setup: "RunSetup", new: list[EncodedDoc], rep: list[EncodedDoc], n_global: int,
+def _forward_backward(setup, new: list[EncodedDoc], rep: list[EncodedDoc], n_global: int,
                       n_replayed: int, generator, dp, regularize: bool) -> torch.Tensor:
     """Forward, weights, loss (scaled by these documents' share of the global batch) and backward of one
     (micro-)batch of new and replayed documents; returns its 4 statistics (one device-to-host copy)."""
