@@ -321,3 +321,27 @@ def check_stated(resources, where: str, local: bool) -> None:
         if resources.memory_gb * GB > total:
             raise InputError(where, f"{resources.memory_gb:g} GB per trial worker, more than this machine's "
                                     f"{total / GB:.1f} GB (Ray lets trials reserve about 70 % of the free memory)")
+
+
+def release_freed_memory() -> None:
+    """Give the memory a finished trial freed back to the operating system, so the next trial of a warm process
+    starts from the process's real footprint.
+
+    Tune runs each trial of a reused actor in a new thread; the memory glibc's allocator gave that trial's
+    tensors stays with the process after they are freed and is not reused by the next trial's thread, so
+    without this a warm process grew by about the size of a trial's working set per trial (SmolLM2-135M,
+    LoRA r 16, batch 8: peak RSS 3.2 → 4.5 → 5.5 → 7.0 → 8.1 GB over five trials; Ray's memory monitor killed
+    such a process in a Table 1 run). ``malloc_trim(0)`` after each trial: 3.2 GB for every trial. A no-op
+    where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)

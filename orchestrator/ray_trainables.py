@@ -292,7 +292,12 @@ def run_trial(spec: TrialSpec) -> None:
 
         _setup_threads(spec)
         keep_base_weights(int(spec.resources.keep_weights_gb * 2 ** 30))
-        loop_worker(spec, TuneSession())
+        try:
+            loop_worker(spec, TuneSession())
+        finally:  # this process may run the next trial (reuse_actors): it starts from what is really in use
+            from .memory import release_freed_memory
+
+            release_freed_memory()
         return
     import ray.train
     from ray.train import FailureConfig, ScalingConfig

@@ -161,7 +161,7 @@ def paired_markdown(diffs: list[dict]) -> str:
     lines = ["", f"Paired differences against {ref} (mean over seeds; 95 % paired bootstrap interval over {over}, "
                  f"{diffs[0]['n_boot']} replicates" + (f"; {facts[0]} TO-LEARN / {facts[1]} NOT-TO-FORGET facts"
                                                       if facts else "") + "):", "",
-             f"| method | Δ Top Acc | 95 % interval | Δ Total Knowledge | 95 % interval | seeds | excludes 0 |",
+             "| method | Δ Top Acc | 95 % interval | Δ Total Knowledge | 95 % interval | seeds | excludes 0 |",
              "|---|---|---|---|---|---|---|"]
     for d in diffs:
         ex = [n for n in ("top_acc", "total_knowledge") if d[f"d_{n}_lo"] > 0 or d[f"d_{n}_hi"] < 0]
