@@ -30,7 +30,6 @@ when the study cannot go on.
 
 from __future__ import annotations
 
-import errno
 import logging
 import re
 from pathlib import Path
@@ -155,9 +154,6 @@ def describe_failure(text: str) -> str:
 
 # ---- writes the disk refuses ---------------------------------------------------------------------------------
 
-DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EROFS: "read-only file system", errno.EDQUOT: "disk quota exceeded",
-               errno.EFBIG: "file too large for the file system or its limit", errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted"}
 _DISK_TEXT = ("No space left on device", "Read-only file system", "Disk quota exceeded", "File too large",
               "database or disk is full", "attempt to write a readonly database", "disk I/O error")
 _SQLITE_TEXT = _DISK_TEXT[-3:]  # SQLite's words for a write the disk refused (full, read-only, an I/O error)
@@ -172,29 +168,21 @@ def disk_error(exc: BaseException) -> Optional[BaseException]:
     """The write error in an exception's chain (``__cause__`` / ``__context__``, Tune wraps what its callbacks
     raise), if it is one: an OSError with a disk errno, a StorageError, or SQLite's "disk is full" /
     "readonly database"."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ == "StorageError":
-            return exc
-        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-            return exc
-        if any(t in str(exc) for t in _SQLITE_TEXT):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    from trainables.checkpoint import DISK_ERRNOS
+
+    return next((e for e in _chain(exc) if type(e).__name__ == "StorageError"
+                 or (isinstance(e, OSError) and e.errno in DISK_ERRNOS) or any(t in str(e) for t in _SQLITE_TEXT)), None)
 
 
 def describe_disk_error(exc: BaseException, fallback_path: Optional[str] = None) -> str:
     """'cannot write PATH: WHAT (N GB free on MOUNT)' for a refused write."""
-    from trainables.checkpoint import free_space
+    from trainables.checkpoint import free_space, storage_error
 
     if type(exc).__name__ == "StorageError":
         return str(exc)
     if isinstance(exc, OSError):
         path = exc.filename or fallback_path or "?"
-        what = exc.strerror or DISK_ERRNOS.get(exc.errno, str(exc))
-        return f"cannot write {path}: {what} ({free_space(path)})"
+        return str(storage_error(exc, str(path), path))
     path = fallback_path or "?"
     what = next((t for t in _SQLITE_TEXT if t in str(exc)), str(exc).splitlines()[0][:200])
     return f"cannot write {path}: {what} ({free_space(path)})"

@@ -216,19 +216,17 @@ class _writes:
     def __exit__(self, kind, exc, tb):
         import re
 
-        from trainables.checkpoint import DISK_ERRNOS, StorageError, storage_error
+        from trainables.checkpoint import StorageError, disk_errno, storage_error
 
         if exc is None or isinstance(exc, StorageError) or not isinstance(exc, OSError):
             return False
-        code = exc.errno
-        if code is None:  # pyarrow (Tune persisting the checkpoint): "Cannot create directory 'P'. Detail: [errno 1] ..."
-            m = re.search(r"\[errno (\d+)\]", str(exc))
-            code = int(m.group(1)) if m else None
-        if code not in DISK_ERRNOS:
+        # pyarrow (Tune persisting the checkpoint) has no errno: "Cannot create directory 'P'. Detail: [errno 1] ..."
+        code = disk_errno(exc)
+        if code is None:
             return False
         quoted = re.search(r"'(/[^']+)'", str(exc))
         path = getattr(exc, "filename", None) or (quoted.group(1) if quoted else None) or _storage_dir() or self.where
-        raise storage_error(OSError(code, os.strerror(code) if code else str(exc)), self.what, path) from exc
+        raise storage_error(OSError(code, os.strerror(code)), self.what, path) from exc
 
 
 def _storage_dir() -> Optional[str]:

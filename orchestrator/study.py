@@ -55,19 +55,30 @@ def init_ray(address: Optional[str], num_cpus: Optional[int] = None,
             _keep_loopback()
         ray.init(address=address, log_to_driver=False)
         return f"Ray cluster {address}"
-    if address is None and num_cpus is None and num_gpus is None:
-        from .local_ray import running_head
-
-        head, _ = running_head()
-        if head is not None and _token_auth_on():
-            _keep_loopback()
-            ray.init(address=head["address"], log_to_driver=False)
-            return f"attached to the local Ray instance at {head['address']} ({head['num_cpus']} CPUs, taalm ray start)"
+    head = _attachable_head(address, num_cpus, num_gpus)
+    if head is not None and _token_auth_on():
+        _keep_loopback()
+        ray.init(address=head["address"], log_to_driver=False)
+        return f"attached to the local Ray instance at {head['address']} ({head['num_cpus']} CPUs, taalm ray start)"
     _keep_loopback()
     # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     return f"a new local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def _attachable_head(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> Optional[dict]:
+    """The `taalm ray start` head a study attaches to: only without --address / --num-cpus / --num-gpus, and only
+    where this process keeps token authentication on (the head has it on)."""
+    if address is not None or num_cpus is not None or num_gpus is not None or not _auth_mode_token():
+        return None
+    from .local_ray import running_head
+
+    return running_head()[0]
+
+
+def _auth_mode_token() -> bool:
+    return os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
 
 
 def _token_auth_on() -> bool:
@@ -76,7 +87,7 @@ def _token_auth_on() -> bool:
     refreshed the way Ray's own ray.init does it (a private call: tests/test_install.py checks it still exists)."""
     from ray import _raylet
 
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or not hasattr(_raylet, "Config"):
+    if not _auth_mode_token() or not hasattr(_raylet, "Config"):
         return False  # the user turned authentication off: the head (token on) is not for this process
     os.environ["RAY_AUTH_MODE"] = "token"
     _raylet.Config.initialize("")
@@ -94,12 +105,9 @@ def local_cpus(address: Optional[str], num_cpus: Optional[int], num_gpus: Option
         return int(ray.cluster_resources().get("CPU", 0)) or None
     if address and address != "local":
         return None
-    if address is None and num_cpus is None and num_gpus is None:
-        from .local_ray import running_head
-
-        head, _ = running_head()
-        if head is not None:
-            return int(head["num_cpus"])
+    head = _attachable_head(address, num_cpus, num_gpus)
+    if head is not None:
+        return int(head["num_cpus"])
     return num_cpus or os.cpu_count() or 1
 
 
@@ -235,17 +243,21 @@ def prepare_caches(configs: list, meta_cfg: Optional[dict] = None, threads: Opti
         if not (cache_dir() / "tokenizers" / "smollm2" / ".complete").exists():
             smollm2_tokenizer_dir()
             done.append("SmolLM2 tokenizer")
-    seen = set()
+    seen, lamas = set(), {}
     for c in configs:
         if getattr(c, "temporalwiki", None) is not None or c.data.split != "tailored":
             continue
         from trainables.data import load_lama
 
-        lama = load_lama(c.data.dir)
+        if c.data.dir not in lamas:  # the trials of a grid share their data: read and hashed once
+            lamas[c.data.dir] = load_lama(c.data.dir)
+        lama = lamas[c.data.dir]
         key = (scores_cache_path(c.model, lama, c.data.task), c.device)
-        if key in seen or key[0].is_file() or shipped_scores_file(c.model, lama, c.data.task) is not None:
+        if key in seen:
             continue
         seen.add(key)
+        if key[0].is_file() or shipped_scores_file(c.model, lama, c.data.task) is not None:
+            continue
         from trainables.tailor import cached_scores
         from trainables.theta import build_theta, resolve_device
 

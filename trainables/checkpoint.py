@@ -64,6 +64,18 @@ def free_space(path) -> str:
     return "free space unknown"
 
 
+def disk_errno(exc: BaseException) -> Optional[int]:
+    """The errno of a write the disk refused, or None: ``exc.errno``, or the one a library wrote into its message
+    (pyarrow persisting Tune's checkpoint: "[errno N]"; safetensors: "os error N" / "Os { code: N")."""
+    import re
+
+    code = getattr(exc, "errno", None)
+    if code is None:
+        m = re.search(r"\[errno (\d+)\]|os error (\d+)|Os \{ code: (\d+)", str(exc))
+        code = int(next(g for g in m.groups() if g)) if m else None
+    return code if code in DISK_ERRNOS else None
+
+
 def storage_error(exc: OSError, what: str, path) -> StorageError:
     """'cannot write WHAT: WHY (N GB free on DIR)'; ``what`` names the path (``{path}`` is filled in)."""
     why = exc.strerror or str(exc).splitlines()[0][:200]
@@ -77,16 +89,14 @@ def _refused_as_storage_error(what: str, path):
     except StorageError:
         raise
     except OSError as e:
-        if e.errno not in DISK_ERRNOS:
+        if disk_errno(e) is None:
             raise
         raise storage_error(e, what, e.filename or path) from e
     except SafetensorError as e:  # safetensors reports the OS error inside its own: "... (os error 27)"
-        import re
-
-        code = re.search(r"(?:os error |Os \{ code: )(\d+)", str(e))
-        if code is None or int(code.group(1)) not in DISK_ERRNOS:
+        code = disk_errno(e)
+        if code is None:
             raise
-        raise storage_error(OSError(int(code.group(1)), os.strerror(int(code.group(1)))), what, path) from e
+        raise storage_error(OSError(code, os.strerror(code)), what, path) from e
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
