@@ -223,7 +223,7 @@ def run_search(path: str | Path, overrides: list[str] | None = None, out_root: s
     check_trial_cpus(spec.resources, cpus)
     fault = injected_faults(None).get(None)
     if spec.resources.memory_gb:
-        check_stated(spec.resources, stated_memory_where(path, overrides), local=address is None)
+        check_stated(spec.resources, stated_memory_where(path, overrides), local=address in (None, "local"))
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)

@@ -537,7 +537,7 @@ def run_ablation(grid_path: str | Path, overrides: list[str] | None = None, out_
     from .memory import check_stated
 
     if spec.resources.memory_gb:
-        check_stated(spec.resources, stated_memory_where(grid_path, overrides), local=address is None)
+        check_stated(spec.resources, stated_memory_where(grid_path, overrides), local=address in (None, "local"))
     study_dir = Path(out_root) / spec.name
     study_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri(study_dir)

@@ -364,6 +364,9 @@ CASES = [
     Case("grid: memory_gb beyond this machine", "out of range", ABLATE,
          ["g.yaml:3 (resources.memory_gb)", "100000 GB per trial worker", "more than this machine's"],
          grid("name: g\nbase: BASE\nresources: {memory_gb: 100000}\n")),
+    Case("grid: memory_gb beyond this machine, --address local", "out of range", ABLATE + ["--address", "local"],
+         ["g.yaml:3 (resources.memory_gb)", "more than this machine's"],
+         grid("name: g\nbase: BASE\nresources: {memory_gb: 100000}\n")),
     Case("search: --set memory_gb beyond this machine", "out of range",
          TUNE + ["--set", "resources.memory_gb=100000"], ["--set resources.memory_gb", "more than this machine's"],
          space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\n")),
@@ -529,7 +532,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 139
+N_CASES = 140
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 
