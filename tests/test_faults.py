@@ -292,10 +292,15 @@ def test_a_refused_write_stops_the_study_cleanly_and_resume_finishes_it(tmp_path
         assert t.info.status == "FINISHED", t.data.tags
         assert sorted(m.step for m in c.get_metric_history(t.info.run_id, "to_learn_acc")) == list(range(epochs + 1))
     stopped = next(t for t in trials.values() if t.data.tags["taalm.trial_key"] == key)
-    # continued from a checkpoint; when Tune itself stopped (the store), from the last one its experiment state had
-    # recorded (saved every second: possibly epoch 0's, docs/RELIABILITY.md §2)
-    low = 0 if fault == "read-only MLflow store" else 1
-    assert low <= int(stopped.data.tags["taalm.resumed_from_epoch"]) <= epoch
+    resumed = stopped.data.tags.get("taalm.resumed_from_epoch")
+    if fault == "read-only MLflow store":
+        # Tune itself stopped (the store): the trial continues from the last checkpoint its experiment state had
+        # recorded (saved every second, docs/RELIABILITY.md §2): epoch 0's or a later one, or none when the stop came
+        # before the first save that held one (seen once, on a loaded machine): then it starts over, and every epoch
+        # is still in MLflow exactly once (checked above)
+        assert resumed is None or 0 <= int(resumed) <= epoch
+    else:  # the trial's own write was refused: it continues from its last checkpoint
+        assert 1 <= int(resumed) <= epoch
 
 
 def test_a_refused_checkpoint_write_names_the_path_and_the_free_space_and_keeps_the_old_one(tmp_path):
