@@ -32,7 +32,7 @@ GROUPS = [("matmul", ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm")),
 def group_of(name: str) -> str:
     base = name.split("::")[-1]
     for group, keys in GROUPS:
-        if any(base == k or base.startswith(k + "_") or base.startswith(k) for k in keys):
+        if any(base == k or base.startswith(k + "_") for k in keys):
             return group
     return "other"
 
