@@ -122,12 +122,29 @@ def last_failure(text: str) -> str:
     return parts[-1].strip() if parts else ""
 
 
+def error_line(text: str) -> str:
+    """The last 'SomeError: message' line of an error's text (a traceback; or the tail of the text)."""
+    text = text or "trial raised an error"
+    found = re.findall(r"^\s*([A-Za-z_.]*(?:Error|Exception|Interrupt)\b[^\n]*)$", text, flags=re.M)
+    return (found[-1].strip() if found else text.strip().splitlines()[-1])[:500]
+
+
+def failure_reason(trial) -> str:
+    """One line saying why a Tune trial failed (its last failure), from the error file Tune writes next to the
+    trial before it calls the callbacks: :func:`describe_failure`."""
+    text = ""
+    try:
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+    except OSError:
+        pass
+    return describe_failure(text)
+
+
 def describe_failure(text: str) -> str:
     """One line saying why a trial failed, from its error text: what killed its process when something did
     (Ray's memory monitor, a lost node, a signal or the kernel), else the error's last ``SomeError: message``
-    line (:func:`orchestrator.tracking.error_line`)."""
-    from .tracking import error_line
-
+    line (:func:`error_line`)."""
     text = last_failure(text)
     m = _MONITOR.search(text)
     if m and ("memory monitor" in text or "low on memory" in text or "OutOfMemoryError" in text):
@@ -150,6 +167,21 @@ def describe_failure(text: str) -> str:
                 f"(SIGSEGV); see the study log")
     # "trainables.checkpoint.StorageError: ..." -> "StorageError: ..." (the class says it; the module does not)
     return re.sub(r"^(?:[a-z_]\w*\.)+(?=[A-Z]\w*(?:Error|Exception)\b)", "", error_line(text))
+
+
+# ---- a stage asked to stop (a refused write): what the console says of the trials it stops ------------------
+
+_STOP: dict = {}
+
+
+def request_stop(reason: Optional[str]) -> None:
+    """The running stage is stopping for ``reason`` (orchestrator/tuning.py's guard; None: a new stage)."""
+    _STOP["reason"] = reason
+
+
+def stopping() -> Optional[str]:
+    """Why the running stage is stopping (a refused write), or None."""
+    return _STOP.get("reason")
 
 
 # ---- writes the disk refuses ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from trainables.config import (ConfigKeyError, RunConfig, apply_overrides, config_to_dict, flatten, load_yaml,
                                scheme_names, validate)
+from trainables.configio import _where
 from trainables.errors import InputError
 
 from .specs import Resources
@@ -162,9 +163,32 @@ def load_base(path: Path, lines: dict, base: Optional[str], overrides: dict, sch
     return data, base_dir
 
 
+@dataclass
+class LoadedGrid:
+    """A grid file read once: its spec, its trials (validated), the meta config, and where each key was set."""
+
+    path: Path
+    overrides: list[str]
+    spec: GridSpec
+    trials: list[Trial]
+    meta_cfg: Optional[dict]
+    lines: dict
+    touched: set
+
+    def where(self, loc: tuple) -> str:
+        """``file:line (key)`` or ``--set key`` for a key path, for messages."""
+        return _where(str(self.path), loc, self.lines, self.touched)
+
+
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridSpec, list[Trial], Optional[dict]]:
     """Read, validate and expand a grid; every trial's config is validated here, before any trial starts.
     Returns (spec, trials, meta config dict or None)."""
+    g = read_grid(path, overrides)
+    return g.spec, g.trials, g.meta_cfg
+
+
+def read_grid(path: str | Path, overrides: list[str] | None = None) -> LoadedGrid:
+    """:func:`load_grid`, with where each key was set."""
     path = Path(path)
     data, lines = load_yaml(path)
     touched = apply_overrides(data, overrides)
@@ -219,4 +243,4 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
         meta_cfg = config_to_dict(validate(MetaConfig, mdata, str(meta_path), mlines))
         if meta_cfg.get("records") and not Path(meta_cfg["records"]).is_absolute():
             meta_cfg["records"] = str((meta_path.parent / meta_cfg["records"]).resolve())
-    return spec, trials, meta_cfg
+    return LoadedGrid(path, list(overrides or []), spec, trials, meta_cfg, lines, touched)

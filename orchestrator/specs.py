@@ -74,7 +74,7 @@ class TrialSpec(BaseModel):
     label: str  # the method name in reports
     config: dict[str, Any]  # the validated run / TemporalWiki / meta-training config, as JSON
     resources: Resources
-    storage_path: str  # where Ray Train keeps checkpoints (shared storage on a cluster)
+    storage_path: str  # where Ray Train keeps checkpoints (under the study's storage)
     phi_dir: Optional[str] = None  # meta: the directory φ is written to
     inject_fault: Optional[int] = None  # TAALM_INJECT_FAULT for this trial (a testing hook)
 
@@ -87,7 +87,7 @@ class StudyRecord(BaseModel):
     """``study.json``: what a study is, so it can be reported, browsed and resumed."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["grid", "search"]
+    kind: str  # a row of the study kinds table (orchestrator/kinds.py): grid, search
     protocol: Protocol = "lama_ckl"
     name: str
     tracking_uri: str
@@ -131,3 +131,9 @@ class StudyRecord(BaseModel):
             key = ".".join(str(x) for x in err["loc"]) or "?"
             what = "missing" if err["type"] == "missing" else err["msg"]
             raise InputError(str(f), f"corrupt study file: {key}: {what}") from None
+
+
+def study_tracking(study_dir: Path) -> tuple[str, str]:
+    """(tracking URI, experiment name) of a study directory."""
+    s = StudyRecord.read(study_dir)
+    return s.tracking_uri, s.name

@@ -20,7 +20,8 @@ from typing import Callable, Optional
 
 from ray import tune
 
-from .faults import StudyStopped, storage_fault
+from .faults import StudyStopped, failure_reason, install, request_stop, storage_fault
+from .ray_trainables import trial_resources
 from .specs import Resources
 
 _CURRENT: dict = {}  # the guard of the Tuner being built (a restored experiment's pickled guard becomes it)
@@ -28,12 +29,6 @@ _CURRENT: dict = {}  # the guard of the Tuner being built (a restored experiment
 
 def _current_guard() -> "StudyGuard":
     return _CURRENT.get("guard") or StudyGuard()
-
-
-def stopping() -> Optional[str]:
-    """Why the running stage is stopping (a refused write), or None."""
-    guard = _CURRENT.get("guard")
-    return guard.stop_reason if guard is not None else None
 
 
 class StudyGuard(tune.Callback):
@@ -48,11 +43,10 @@ class StudyGuard(tune.Callback):
         return (_current_guard, ())
 
     def _check(self, trial) -> None:
-        from .tracking import failure_reason
-
         reason = failure_reason(trial)
         if self.stop_reason is None and storage_fault(reason):
             self.stop_reason = reason
+            request_stop(reason)
             self._stop()
 
     def _stop(self) -> None:
@@ -97,12 +91,10 @@ def build_tuner(trainable, *, name: str, study_dir: Path, resources: Resources, 
     capped to what memory holds, ``memory_gb`` what each trial worker reserves); with ``resume``, the stage's saved
     experiment is restored when there is one: finished trials are kept, unfinished and errored ones continue from
     their latest checkpoint."""
-    from .faults import install
-    from .ray_trainables import trial_resources
-
     install()
     guard = StudyGuard()
     _CURRENT["guard"] = guard
+    request_stop(None)
     trainable = tune.with_resources(trainable, trial_resources(resources, kind))
     storage = (Path(study_dir) / "tune").resolve()
     path = storage / name
