@@ -139,7 +139,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: st
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("period" if tw else "epoch")
     axes[0].set_ylabel("perplexity (mean over seeds)" if tw else "accuracy (mean over seeds)")
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:  # no curve at all (every trial failed): no legend to draw
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=120)
     plt.close(fig)
