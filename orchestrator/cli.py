@@ -37,6 +37,9 @@ NUM_GPUS_HELP = ("GPUs of a new local Ray instance (default: detected; given: th
 ADDRESS_HELP = ("Attach to a running Ray cluster (auto, HOST:PORT, ray://...); `local`: a new local instance. Default: "
                 "the instance `taalm ray start` keeps running, if any, else a new local one.")
 NUM_CPUS_HELP = "CPUs of a new local Ray instance (given: the study starts its own, even when `taalm ray start` runs)."
+STORAGE_HELP = ("Where Tune's state, checkpoints, φ and the epoch-0 evaluations live (overrides the file's `storage`): "
+                "a directory every node mounts at the same path, or a URI (s3://BUCKET/PREFIX, gs://...). Default: "
+                "the study directory (one machine).")
 VERBOSE_HELP = "Show Ray's, Tune's and MLflow's own output too (always in <study>/logs/study.log)."
 
 
@@ -139,7 +142,7 @@ def _view_line(study_dir: Path, uri: str) -> str:
 def _run_study(loaded, study_dir: Path, **options) -> None:
     """Run a study (read once: ``loaded``) with the live console, then print its table and where it is."""
     from orchestrator.report_files import write_report
-    from orchestrator.session import StudyOptions
+    from orchestrator.options import StudyOptions
 
     with study_console(loaded.name) as progress, study_stops(study_dir, options.get("verbose", False), progress):
         r = loaded.run(StudyOptions(progress=progress, **options))
@@ -172,12 +175,13 @@ def ablate(
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     retrain_phi: bool = typer.Option(False, "--retrain-phi",
                                      help="Meta-train φ anew (ignore the φ cache and the φ shipped in ablations/phi/)."),
+    storage: Optional[str] = typer.Option(None, "--storage", envvar="TAALM_STORAGE", help=STORAGE_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Run an ablation grid: every trial under Ray Tune (Ray Train for multi-worker trials), tracked in MLflow;
     then the table."""
     _start("grid", grid, set_, out, address=address, tracking_uri=tracking_uri, num_cpus=num_cpus, num_gpus=num_gpus,
-           retrain_phi=retrain_phi, verbose=verbose)
+           retrain_phi=retrain_phi, storage=storage, verbose=verbose)
 
 
 @app.command()
@@ -189,11 +193,12 @@ def tune(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", envvar="TAALM_STORAGE", help=STORAGE_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Search hyper-parameters with Optuna under Ray Tune (TPE; NSGA-II for two objectives; optional ASHA)."""
     _start("search", space, set_, out, address=address, tracking_uri=tracking_uri, num_cpus=num_cpus,
-           num_gpus=num_gpus, verbose=verbose)
+           num_gpus=num_gpus, storage=storage, verbose=verbose)
 
 
 @app.command()
@@ -202,6 +207,8 @@ def resume(
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the study's storage is now (default: where "
+                                                                  "it was, as study.json records it)."),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Resume an interrupted study (a grid or a search): finished trials are kept, the others continue from their
@@ -210,7 +217,8 @@ def resume(
 
     record, loaded = for_resume(study)
     _run_study(loaded, study, out_root=Path(record.out_root), address=address, tracking_uri=record.tracking_uri,
-               num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose, resume=True)
+               num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose, resume=True,
+               storage=storage or record.storage)
 
 
 @app.command()

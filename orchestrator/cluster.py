@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -97,17 +98,48 @@ class Waiting:
     line: str
 
 
-def check_requests(requests: list[tuple[str, list[dict], str]], nodes: Optional[list[Node]] = None,
+KEYS = {"CPU": "resources.cpus_per_worker", "GPU": "resources.gpus_per_worker", "memory": "resources.memory_gb"}
+
+
+def meta_cpu_request(resources, cpus: Optional[float], nodes: Optional[list[Node]] = None) -> float:
+    """The CPUs of the meta stage's single worker: ``resources.meta_cpus`` when stated, else what the grid uses at
+    once (cpus_per_worker x workers x max_concurrent: the stage runs alone), but no more than the local Ray
+    instance (``cpus``) or the largest node of a cluster has (one worker runs on one node)."""
+    if resources.meta_cpus is not None:
+        return resources.meta_cpus
+    share = resources.meta_cpu_count()
+    if cpus is not None:
+        return min(share, cpus)
+    largest = max((n.cpus for n in nodes or []), default=0)
+    return min(share, largest) if largest >= 1 else share
+
+
+def stage_requests(resources, where, has_meta: bool, nodes: list[Node]) -> list[tuple[str, list[dict], dict]]:
+    """What the study's stages ask Ray for, per trial: (what, its bundles, the key of each resource). A lean trial
+    (and the meta stage) is one bundle on one node; a Ray Train trial is one bundle per worker."""
+    mem = {"memory": resources.memory_gb * GB} if resources.memory_gb else {}
+    gpu = {"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {}
+    worker = {"CPU": resources.cpus_per_worker, **gpu, **mem}
+    keys = {k: where(tuple(v.split("."))) for k, v in KEYS.items()}
+    out = [("a trial", [worker] * (1 if resources.runs_lean() else resources.workers), keys)]
+    if has_meta:
+        key = where(("resources", "meta_cpus")) if resources.meta_cpus is not None else keys["CPU"]
+        out.append(("meta-training φ", [{"CPU": meta_cpu_request(resources, None, nodes), **gpu}],
+                    {**keys, "CPU": key}))
+    return out
+
+
+def check_requests(requests: list[tuple[str, list[dict], dict]], nodes: Optional[list[Node]] = None,
                    node_types: Optional[list[dict]] = None) -> list[Waiting]:
-    """Each (what, bundles, key) — a stage's trial and its resource bundles — checked against the nodes as they
-    are: a bundle no node has, where the cluster cannot grow one, is an InputError naming the request, the
-    largest node and ``key`` (the grid key to change); one the autoscaler may add a node for is returned as
-    :class:`Waiting`. Defaults: the cluster this process is attached to."""
+    """Each (what, bundles, keys) — a stage's trial, its resource bundles and the config key of each resource —
+    checked against the nodes as they are: a bundle no node has, where the cluster cannot grow one, is an
+    InputError naming the request, the largest node and the key to change; one the autoscaler may add a node for
+    is returned as :class:`Waiting`. Defaults: the cluster this process is attached to."""
     nodes = alive_nodes() if nodes is None else nodes
     if node_types is None:
         node_types = autoscaler_node_types() or []
     waiting = []
-    for what, bundles, key in requests:
+    for what, bundles, keys in requests:
         for bundle in bundles:
             bundle = {k: v for k, v in bundle.items() if v}
             if any(fits(bundle, n.resources) for n in nodes):
@@ -117,9 +149,11 @@ def check_requests(requests: list[tuple[str, list[dict], str]], nodes: Optional[
                 waiting.append(Waiting(what, bundle, f"{what}: waiting for a node with {describe(bundle)}: none of "
                                                      f"the {where} has them; the autoscaler may add one"))
                 continue
+            short = [k for k in bundle if not any(fits({k: bundle[k]}, n.resources) for n in nodes)] or list(bundle)
+            key = " / ".join(keys.get(k, k) for k in short)
             raise InputError(key, f"{what} needs {describe(bundle)} on one node, but none of the {where} has them "
-                                  f"({_largest(nodes)}) and the cluster cannot add one: lower {key}, or add a "
-                                  "node that has them")
+                                  f"({_largest(nodes)}) and the cluster cannot add one: lower it, or add a node "
+                                  "that has them")
     return waiting
 
 
@@ -189,12 +223,35 @@ def check_storage(storage: Storage, where: str = "storage", timeout_s: float = 6
     return nodes
 
 
-def wait_note(waiting: list[Waiting], since: float) -> Optional[str]:
-    """The console line for requests still waiting (None when none is), with how long it has waited."""
-    left = still_waiting(waiting)
-    if not left:
-        return None
-    return "; ".join(w.line for w in left) + f" ({time.monotonic() - since:.0f} s)"
+@contextmanager
+def waiting_notes(waiting: list[Waiting], note, every_s: float = 30.0):
+    """While the block runs (a stage), the requests still waiting for a node are said at once and every
+    ``every_s`` seconds, until a node that fits them joins."""
+    if not waiting:
+        yield
+        return
+    import threading
+
+    stop, since = threading.Event(), time.monotonic()
+
+    def loop():
+        while True:
+            try:
+                left = still_waiting(waiting)
+            except Exception:  # noqa: BLE001 (Ray going away at the end of the stage)
+                return
+            if not left:
+                return
+            note("; ".join(w.line for w in left) + f" ({time.monotonic() - since:.0f} s)")
+            if stop.wait(every_s):
+                return
+
+    t = threading.Thread(target=loop, name="taalm-waiting", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def check_trial_cpus(res, cpus: Optional[int], where: str = "resources") -> None:

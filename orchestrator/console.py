@@ -24,7 +24,7 @@ from rich.text import Text
 
 from trainables.loop import UNIT
 
-from .faults import failure_reason, stopping
+from .faults import failure_reason, retry_line, stopping
 from .progress import Progress
 
 
@@ -219,7 +219,7 @@ class StudyConsole(tune.Callback, Progress):
         v = self._view(trial)
         # a refused write stops the study instead (orchestrator/tuning.py): the trial continues at `taalm resume`
         what = "stopped" if stopping() else "retrying"
-        v.state, v.reason = what, failure_reason(trial)
+        v.state, v.reason = what, retry_line(trial, failure_reason(trial))
         line = f"trial {'stopped' if what == 'stopped' else 'retried'}: {v.name}: {v.reason}"
         if not self.interactive:
             self.console.print(line, highlight=False, soft_wrap=True)

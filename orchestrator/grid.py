@@ -55,6 +55,9 @@ class GridSpec(BaseModel):
     labels: dict[str, dict[str, str]] = {}
     meta: Optional[MetaStage] = None
     resources: Resources = Resources()
+    # where Tune's state, checkpoints, φ and the epoch-0 evaluations live: a path every node mounts, or a URI
+    # (s3://bucket/prefix, gs://...); default: the study directory (one machine). --storage overrides it
+    storage: Optional[str] = None
     # the row the report's paired differences are taken against (a method label; default "Finetune"
     # when there is one, else the first method)
     baseline: Optional[str] = None
@@ -244,3 +247,13 @@ def read_grid(path: str | Path, overrides: list[str] | None = None) -> LoadedGri
         if meta_cfg.get("records") and not Path(meta_cfg["records"]).is_absolute():
             meta_cfg["records"] = str((meta_path.parent / meta_cfg["records"]).resolve())
     return LoadedGrid(path, list(overrides or []), spec, trials, meta_cfg, lines, touched)
+
+
+def headline(g: LoadedGrid) -> str:
+    return (f"{len(g.trials)} trials ({len({t.label for t in g.trials})} methods x {len(g.spec.seeds)} seeds)"
+            f"{' + meta-training stage' if g.meta_cfg else ''}")
+
+
+def view_columns(g: LoadedGrid) -> tuple[list[str], Optional[tuple[str, bool]]]:
+    """The MLflow view's parameter columns: what the grid varies, then the seed; sorted by the protocol's metric."""
+    return list(dict.fromkeys(k for t in g.trials for k in t.overrides)) + ["seed"], None

@@ -2,10 +2,12 @@
 and which columns its MLflow view shows. `taalm ablate` / `taalm tune` run a row; `taalm resume` and the MLflow
 view of an older study read the row that ``study.json`` names.
 
-Adding a study kind: a module with ``load(path, overrides) -> loaded`` (validated; ``loaded.spec.name``),
-``headline(loaded)``, ``run(loaded, StudyOptions) -> dict`` (through orchestrator/session.py's ``open_study`` and
-``run_stage``; ``options.resume`` continues an interrupted one) and ``view_columns(loaded)``; one row in
-:data:`KINDS`; a command in orchestrator/cli.py if it needs its own (docs/DESIGN.md, "Add a study kind").
+Adding a study kind: a module with ``run(loaded, StudyOptions) -> dict`` (through orchestrator/session.py's
+``open_study`` and ``run_stage``; ``options.resume`` continues an interrupted one), named here by its path (imported
+when the study runs: Ray and the learning code load then, not when the spec file is read); ``load(path,
+overrides) -> loaded`` (validated; ``loaded.spec.name``), ``headline(loaded)`` and ``view_columns(loaded)`` from a
+module that imports no Ray (bad input is refused, and `taalm report` / `taalm ui` read old studies, without it);
+one row in :data:`KINDS` (docs/DESIGN.md, "Add a study kind").
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Any, Callable, Optional
 
 from trainables.errors import InputError
 
-from . import ablation, search
+from . import grid, search_space
 from .mlflow_views import ensure_trials_view, view_links
-from .session import StudyOptions
+from .options import StudyOptions
 from .specs import StudyRecord
 
 
@@ -27,13 +29,20 @@ class StudyKind:
     name: str
     load: Callable[[Any, Optional[list[str]]], Any]  # (spec file, --set overrides) -> the spec, validated
     headline: Callable[[Any], str]  # the line saying what the study will run
-    run: Callable[[Any, StudyOptions], dict]  # run it (options.resume: continue it)
     view_columns: Callable[[Any], tuple[list[str], Optional[tuple[str, bool]]]]  # MLflow view: params, sort
+    runner: str  # "module:function" run(loaded, StudyOptions) -> dict (options.resume: continue it)
+
+    def run(self, loaded, options: StudyOptions) -> dict:
+        import importlib
+
+        module, _, fn = self.runner.partition(":")
+        return getattr(importlib.import_module(module), fn)(loaded, options)
 
 
 KINDS: dict[str, StudyKind] = {
-    "grid": StudyKind("grid", ablation.read_grid, ablation.headline, ablation.run_grid, ablation.view_columns),
-    "search": StudyKind("search", search.read_search, search.headline, search.run_space, search.view_columns),
+    "grid": StudyKind("grid", grid.read_grid, grid.headline, grid.view_columns, "orchestrator.ablation:run_grid"),
+    "search": StudyKind("search", search_space.read_search, search_space.headline, search_space.view_columns,
+                        "orchestrator.search:run_space"),
 }
 
 

@@ -18,6 +18,7 @@ from .mlflow_store import meta_params
 from .ray_trainables import trial_driver
 from .session import OpenStudy
 from .specs import TrialSpec
+from .storage import phi_published, publish_phi
 
 
 def phi_cache_dir(meta_cfg: dict) -> Path:
@@ -134,22 +135,35 @@ def grid_stage(s: OpenStudy, specs: list[TrialSpec], info: dict, name: str):
                        dirname=lambda t: f"{t.config['t']['trial_key']}")
 
 
-def run_meta_stage(s: OpenStudy, spec: GridSpec, trials: list[Trial], meta_cfg: dict) -> dict[int, str]:
+def run_meta_stage(s: OpenStudy, spec: GridSpec, trials: list[Trial], meta_cfg: dict
+                   ) -> tuple[dict[int, str], dict[int, str]]:
     """Train φ (per seed or once), reusing a cached φ keyed by its config (which holds the data choice);
     a φ shipped in ablations/phi/ for exactly that config and data seeds the cache. ``--retrain-phi``: train
     anew, ignoring the cache and the shipped φ. An interrupted meta-training continues from its checkpoint
-    (φ's cache directory, or the one Tune hands back to a retried trial)."""
-    retrain, cpus, study = s.options.retrain_phi, s.cpus, s.study
+    (φ's cache directory, or the one Tune hands back to a retried trial).
+
+    φ travels through the study's storage (``phi/<key>``, orchestrator/storage.py): the meta trial publishes it
+    there from whichever node trained it; a φ this machine's cache (or ablations/phi/) has is published from
+    here; each TAALM trial fetches it into its own node's cache. Returns (seed -> φ's path in this machine's cache,
+    seed -> φ's key in the storage)."""
+    from .cluster import alive_nodes, meta_cpu_request
+
+    retrain, cpus, study, storage = s.options.retrain_phi, s.cpus, s.study, s.storage
     data_hash = meta_data_hash(meta_cfg)
-    phis, todo, info = {}, [], {}
+    phis, keys, todo, info = {}, {}, [], {}
     for seed in meta_seeds(spec, trials, meta_cfg):
         cfg = dict(meta_cfg, seed=seed)
         key, d = phi_location(meta_cfg, seed, data_hash)
-        phis[seed] = str(d / "phi")
-        info[key] = {"run_name": meta_label(seed), "role": "meta", "params": meta_params(cfg),
-                     "config": cfg, "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.data_hash": data_hash}}
-        if retrain:  # anew: neither the cached φ nor a half-trained one's checkpoint
+        phis[seed], keys[seed] = str(d / "phi"), d.name
+        info[key] = {"run_name": meta_label(seed), "role": "meta", "params": meta_params(cfg), "config": cfg,
+                     "tags": {"taalm.phi_dir": str(d / "phi"), "taalm.phi_storage": storage.join("phi", d.name),
+                              "taalm.data_hash": data_hash},
+                     "phi": (storage.uri, d.name, str(d))}  # where the driver finds φ's files for MLflow
+        if retrain:  # anew: neither the cached φ nor a half-trained one's checkpoint, nor the published one
             _clear_phi_cache(d)
+            storage.delete("phi", d.name)
+        elif phi_published(storage, d.name):
+            continue
         shipped = None if retrain or phi_trained(d) else shipped_phi(cfg, data_hash)
         if shipped is not None:
             _seed_phi_cache(shipped, d)
@@ -157,23 +171,29 @@ def run_meta_stage(s: OpenStudy, spec: GridSpec, trials: list[Trial], meta_cfg: 
             for f in ("phi.json", "meta_metrics.json", "heatmap.html"):  # what φ is, beside the study
                 if (shipped / f).is_file():
                     study.client.log_artifact(study.parent_id, str(shipped / f), f"phi_seed{seed}")
-        if not phi_trained(d):  # not yet, or interrupted: the meta trial continues from d/checkpoint
-            # what the grid uses at once, but no more than the local Ray instance has (a `taalm ray start`
-            # instance, or --num-cpus, may have fewer: the stage would wait forever)
-            meta_cpus = spec.resources.meta_cpu_count() if cpus is None else min(spec.resources.meta_cpu_count(), cpus)
-            todo.append(TrialSpec(kind="meta", trial_key=key, label=meta_label(seed), config=cfg,
-                                  phi_dir=str(d), storage_path=str((s.study_dir / "train").resolve()),
-                                  inject_fault=s.faults.get(meta_label(seed)),
-                                  resources=spec.resources.model_copy(update={
-                                      "workers": 1, "cpus_per_worker": meta_cpus,
-                                      "torch_threads": max(1, int(meta_cpus))})))
+        if phi_trained(d):
+            publish_phi(storage, d.name, d)
+            continue
+        # not yet, or interrupted: the meta trial continues from its node's checkpoint (or Tune's, when retried)
+        meta_cpus = meta_cpu_request(spec.resources, cpus, alive_nodes() if cpus is None else None)
+        todo.append(TrialSpec(kind="meta", trial_key=key, label=meta_label(seed), config=cfg, phi_dir=str(d),
+                              phi_key=d.name, storage=storage.uri, storage_path=storage.join("train"),
+                              inject_fault=s.faults.get(meta_label(seed)),
+                              resources=spec.resources.model_copy(update={
+                                  "workers": 1, "cpus_per_worker": meta_cpus,
+                                  "torch_threads": max(1, int(meta_cpus))})))
     if todo:
         res = s.plan_memory(todo[0].resources.model_copy(update={"max_concurrent": 1, "memory_gb": None}),
                             estimate_meta(meta_cfg), "meta-training φ")
+        s.note(f"meta-training φ: {len(todo)} trial(s) of {res.cpus_per_worker:g} CPU(s)"
+               + (f" and {res.gpus_per_worker:g} GPU(s)" if res.gpus_per_worker else "") + " each")
         todo = [t.model_copy(update={"resources": res}) for t in todo]
         s.progress.expect("meta-training φ", [(t.trial_key, t.label, None) for t in todo], 1)
         results = grid_stage(s, todo, info, f"{spec.name}-meta")
         errors = [r.error for r in results if r.error]
         if errors:
             raise RuntimeError(f"meta-training failed: {error_line(str(errors[0]))}")
-    return phis
+        missing = [t.label for t in todo if not phi_published(storage, t.phi_key)]
+        if missing:
+            raise RuntimeError(f"meta-training ended without φ in the storage {storage} ({', '.join(missing)})")
+    return phis, keys

@@ -1,7 +1,7 @@
 """The search study kind: a search space (orchestrator/search_space.py) sampled by Optuna under Ray Tune.
 
-Its row in orchestrator/kinds.py names :func:`read_search` (load), :func:`headline`, :func:`run_space` (run and
-resume) and :func:`view_columns`. The study's start-up, stage runner and final status are the grid's
+Its row in orchestrator/kinds.py names search_space.py's :func:`read_search` (load), ``headline`` and
+``view_columns`` (no Ray) and this module's :func:`run_space` (run and resume). The study's start-up, stage runner and final status are the grid's
 (orchestrator/session.py).
 """
 
@@ -16,15 +16,13 @@ from .memory import estimate_trial
 from .mlflow_store import run_params
 from .progress import Progress
 from .search_space import (LoadedSearch, _sampler, _trial_config, define_by_run, label_of, largest_config,
-                           read_search)
-from .session import OpenStudy, StudyOptions, StudyPlan, open_study
+                           read_search, view_columns)
+from .options import StudyOptions, StudyPlan
+from .session import OpenStudy, open_study
 from .specs import Resources, TrialSpec
 
-SUMMARY_METRICS = ("top_acc", "nf_acc", "total_knowledge")
-
-
 def search_driver(config: dict, base: dict, resources: dict, storage_path: str,
-                  inject_fault: Optional[int] = None) -> None:
+                  inject_fault: Optional[int] = None, storage: Optional[str] = None) -> None:
     """Tune trainable for searches: Optuna's sample -> a validated trial -> the same trial runner as grids."""
     from ray import tune
 
@@ -33,26 +31,14 @@ def search_driver(config: dict, base: dict, resources: dict, storage_path: str,
     run_trial(TrialSpec(kind="continual", trial_key=tune.get_context().get_trial_id(), label=label_of(config),
                         config=config_to_dict(_trial_config(base, config)),
                         resources=Resources.model_validate(resources), storage_path=storage_path,
-                        inject_fault=inject_fault))
-
-
-def headline(s: LoadedSearch) -> str:
-    return (f"{s.spec.num_samples} trials, objectives "
-            f"{', '.join(o.metric + ' ' + o.mode for o in s.spec.objectives)}")
-
-
-def view_columns(s: LoadedSearch) -> tuple[list[str], Optional[tuple[str, bool]]]:
-    """The searched keys and the seed, sorted by the first objective when it is a summary metric."""
-    first = s.spec.objectives[0]
-    return list(s.spec.space) + ["seed"], ((first.metric, first.mode == "min")
-                                           if first.metric in SUMMARY_METRICS else None)
+                        storage=storage, inject_fault=inject_fault))
 
 
 def plan(s: LoadedSearch) -> StudyPlan:
     params, order = view_columns(s)
     return StudyPlan(kind="search", name=s.spec.name, source=s.path, overrides=s.overrides,
                      resources=s.spec.resources, where=s.where, configs=[_trial_config(s.base, {})], labels=None,
-                     view_params=params, view_order=order)
+                     view_params=params, view_order=order, storage=s.spec.storage)
 
 
 def run_space(s: LoadedSearch, options: StudyOptions) -> dict:
@@ -85,7 +71,7 @@ def run_space(s: LoadedSearch, options: StudyOptions) -> dict:
     res = st.plan_memory(spec.resources, estimate_trial(largest_config(spec, base), spec.resources.runs_lean(),
                                                         spec.resources.keep_weights_gb), "trials")
     trainable = tune.with_parameters(search_driver, base=base, resources=res.model_dump(mode="json"),
-                                     storage_path=str((st.study_dir / "train").resolve()),
+                                     storage_path=st.storage.join("train"), storage=st.storage.uri,
                                      inject_fault=st.faults.get(None))
     st.progress.expect("trials", [], res.max_concurrent, total=spec.num_samples)
     results = st.run_stage(trainable, name=spec.name, resources=res, info={}, describe=describe,
@@ -110,10 +96,10 @@ def _close_lost_trials(st: OpenStudy) -> None:
 def run_search(path: str | Path, overrides: list[str] | None = None, out_root: str | Path = "runs",
                address: Optional[str] = None, tracking_uri: Optional[str] = None, progress=None,
                num_cpus: Optional[int] = None, verbose: bool = False, resume: bool = False,
-               num_gpus: Optional[float] = None) -> dict:
+               num_gpus: Optional[float] = None, storage: Optional[str] = None) -> dict:
     """Run (or resume) a search from its file (the library's entry point; the CLI reads the file once through
     orchestrator/kinds.py)."""
     s = read_search(path, overrides)  # validated before anything starts
     return run_space(s, StudyOptions(out_root=Path(out_root), address=address, tracking_uri=tracking_uri,
                                      num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose,
-                                     progress=progress or Progress(), resume=resume))
+                                     progress=progress or Progress(), resume=resume, storage=storage))

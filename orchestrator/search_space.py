@@ -86,6 +86,9 @@ class SearchSpec(BaseModel):
     seed: int = 0  # sampler seed
     asha: Optional[Asha] = None
     resources: Resources = Resources()
+    # where Tune's state, checkpoints, φ and the epoch-0 evaluations live: a path every node mounts, or a URI
+    # (s3://bucket/prefix, gs://...); default: the study directory (one machine). --storage overrides it
+    storage: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -212,3 +215,16 @@ def label_of(sampled: dict) -> str:
                      for k, v in sorted(sampled.items()))
 
 
+SUMMARY_METRICS = ("top_acc", "nf_acc", "total_knowledge")
+
+
+def headline(s: LoadedSearch) -> str:
+    return (f"{s.spec.num_samples} trials, objectives "
+            f"{', '.join(o.metric + ' ' + o.mode for o in s.spec.objectives)}")
+
+
+def view_columns(s: LoadedSearch) -> tuple[list[str], Optional[tuple[str, bool]]]:
+    """The searched keys and the seed, sorted by the first objective when it is a summary metric."""
+    first = s.spec.objectives[0]
+    return list(s.spec.space) + ["seed"], ((first.metric, first.mode == "min")
+                                           if first.metric in SUMMARY_METRICS else None)

@@ -16,55 +16,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .caches import Background, note_prepared, start_preparing
-from .cluster import check_trial_cpus
-from .faults import install
+from .cluster import check_requests, check_storage, check_trial_cpus, stage_requests, waiting_notes
+from .faults import injected_faults, install
 from .local_ray import init_ray, local_cpus
 from .logs import configure_output
 from .memory import check_stated, plan_stage
 from .mlflow_store import Study, default_tracking_uri
+from .options import StudyOptions, StudyPlan
 from .progress import Progress
-from .ray_trainables import injected_faults
 from .specs import Resources, StudyRecord
+from .storage import Storage
 from .tracking import MlflowTrials
 from .tuning import build_tuner, fit
-
-
-@dataclass
-class StudyOptions:
-    """How a study runs (the command line's options), whatever its kind."""
-
-    out_root: Path = Path("runs")
-    address: Optional[str] = None
-    tracking_uri: Optional[str] = None
-    num_cpus: Optional[int] = None
-    num_gpus: Optional[float] = None
-    verbose: bool = False
-    progress: Progress = field(default_factory=Progress)
-    resume: bool = False
-    retrain_phi: bool = False  # grids with a meta stage
-
-
-@dataclass
-class StudyPlan:
-    """What a study kind read from its spec file (once) that the start-up needs."""
-
-    kind: str  # the row of orchestrator/kinds.py
-    name: str
-    source: Path
-    overrides: list[str]
-    resources: Resources
-    where: Callable[[tuple], str]  # a key path -> "file:line (key)" or "--set key", for messages
-    configs: list  # the trials' run configs known in advance (the driver's caches are built for them)
-    labels: Optional[list[str]]  # the trials' labels (fault injection); None: not known in advance (a search)
-    protocol: str = "lama_ckl"
-    meta_cfg: Optional[dict] = None
-    baseline: Optional[str] = None
-    trials: list[dict] = field(default_factory=list)  # study.json's list: key, label, seed
-    view_params: list[str] = field(default_factory=list)  # the MLflow view's parameter columns
-    view_order: Optional[tuple[str, bool]] = None
 
 
 class PendingStudy(Background):
@@ -118,6 +84,8 @@ class OpenStudy:
     study: Any  # a PendingStudy: the Study once MLflow's side is open
     cpus: Optional[int]  # the local Ray instance's CPUs (None: a cluster)
     faults: dict
+    storage: Storage  # where Tune's state, checkpoints, φ and the epoch-0 evaluations live
+    waiting: list = field(default_factory=list)  # requests only a node the autoscaler may add would fit
 
     @property
     def progress(self) -> Progress:
@@ -160,9 +128,11 @@ class OpenStudy:
         if isinstance(self.progress, tune.Callback):
             callbacks.append(self.progress)
         tuner, guard = build_tuner(trainable, name=name, study_dir=self.study_dir, resources=resources,
-                                   callbacks=callbacks, kind=kind, resume=self.options.resume, **tuner_args)
+                                   callbacks=callbacks, kind=kind, resume=self.options.resume,
+                                   storage=self.storage, **tuner_args)
         try:
-            return fit(tuner, guard, self.study_dir)
+            with waiting_notes(self.waiting, self.note):
+                return fit(tuner, guard, self.study_dir)
         except BaseException:
             # the MLflow side opened while Tune started: its error (an unreachable tracking server) is the one to
             # show, for every kind of study
@@ -181,8 +151,10 @@ class OpenStudy:
 
 
 def open_study(plan: StudyPlan, options: StudyOptions) -> OpenStudy:
-    """The start-up steps every study shares (module docstring); nothing of Ray or MLflow starts before the plan's
-    bad input is refused."""
+    """The start-up steps every study shares (module docstring). Nothing is written before the plan's bad input is
+    refused: on a cluster, Ray is connected first and the storage and the trials' resource requests are checked
+    against its nodes (exit 2 naming the key) before the study directory's files and the MLflow store are made;
+    on this machine, Ray and the MLflow side start side by side."""
     o = options
     cpus = local_cpus(o.address, o.num_cpus, o.num_gpus)  # the local Ray instance's CPUs (None: a cluster)
     check_trial_cpus(plan.resources, cpus)
@@ -190,21 +162,30 @@ def open_study(plan: StudyPlan, options: StudyOptions) -> OpenStudy:
     if plan.resources.memory_gb:
         check_stated(plan.resources, plan.where(("resources", "memory_gb")), local=o.address in (None, "local"))
     study_dir = Path(o.out_root) / plan.name
-    study_dir.mkdir(parents=True, exist_ok=True)
+    storage = Storage.resolve(o.storage or plan.storage, study_dir,
+                              "--storage" if o.storage else plan.where(("storage",)))
+    waiting: list = []
+    if cpus is None:  # a cluster: its nodes are known once attached
+        configure_output(None, o.verbose, loggers=("ray",))  # the console stays quiet; the study log comes below
+        how = init_ray(o.address, o.num_cpus, o.num_gpus)
+        nodes = check_storage(storage, "--storage" if o.storage else plan.where(("storage",)))
+        waiting = check_requests(stage_requests(plan.resources, plan.where, plan.has_meta, nodes), nodes)
     uri = o.tracking_uri or default_tracking_uri(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
     StudyRecord(kind=plan.kind, protocol=plan.protocol, name=plan.name, source=str(Path(plan.source).resolve()),
                 overrides=plan.overrides or [], tracking_uri=uri, out_root=str(Path(o.out_root).resolve()),
-                baseline=plan.baseline, trials=plan.trials).write(study_dir)
+                baseline=plan.baseline, trials=plan.trials, storage=storage.uri).write(study_dir)
     prep = start_preparing(plan.configs, plan.meta_cfg, cpus)
-    # Ray and the MLflow side start side by side: MLflow's import and the store (found, or created) in a thread
-    # while Ray's processes come up (or this process attaches to a running local instance); both after the
-    # console is set up
-    configure_output(study_dir, o.verbose, loggers=("ray",))  # before Ray logs anything
+    configure_output(study_dir, o.verbose, loggers=("ray",))  # before Ray logs anything (this machine)
+    # the MLflow side in a thread while Ray's processes come up (or this process attaches to a local instance)
     study = PendingStudy(uri, plan.name, study_dir, plan.protocol, o.verbose)
-    how = init_ray(o.address, o.num_cpus, o.num_gpus)
+    if cpus is not None:
+        how = init_ray(o.address, o.num_cpus, o.num_gpus)
     install(o.verbose)  # a killed trial fails alone; Ray's error lines go to the study log (orchestrator/faults.py)
     o.progress.note(f"Ray: {how}")
+    if not storage.local or cpus is None:
+        o.progress.note(f"storage: {storage}")
     note_prepared(prep, o.progress)
     # the MLflow UI's view of the trials: summary metrics, then what the study varies and the seed
     study.save_trials_view(plan.view_params, plan.view_order)
-    return OpenStudy(plan, o, study_dir, uri, study, cpus, faults)
+    return OpenStudy(plan, o, study_dir, uri, study, cpus, faults, storage, waiting)

@@ -75,7 +75,9 @@ class TrialSpec(BaseModel):
     config: dict[str, Any]  # the validated run / TemporalWiki / meta-training config, as JSON
     resources: Resources
     storage_path: str  # where Ray Train keeps checkpoints (under the study's storage)
-    phi_dir: Optional[str] = None  # meta: the directory φ is written to
+    storage: Optional[str] = None  # the study's storage (orchestrator/storage.py): φ, the epoch-0 evaluations
+    phi_dir: Optional[str] = None  # meta: the directory φ is written to (its cache directory on the trial's node)
+    phi_key: Optional[str] = None  # meta: where φ is published in the storage (phi/<key>); trials: the φ to fetch
     inject_fault: Optional[int] = None  # TAALM_INJECT_FAULT for this trial (a testing hook)
 
     @classmethod
@@ -95,6 +97,7 @@ class StudyRecord(BaseModel):
     overrides: list[str] = []
     out_root: Optional[str] = None
     baseline: Optional[str] = None  # the row the report's paired differences are taken against
+    storage: Optional[str] = None  # the study's storage (a path or a URI); None: the study directory
     trials: list[dict[str, Any]] = []  # grids: key, label, seed of every trial, in grid order
 
     FILE: ClassVar[str] = "study.json"

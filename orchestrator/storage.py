@@ -206,3 +206,70 @@ def _mask(uri: str) -> str:
     opts = [(k, "***" if k in ("secret_key", "session_token", "access_key") else v) for k, v in parse_qsl(query)]
     return f"{base}?{urlencode(opts, safe=':/')}"
 
+
+# ---- φ through the storage -----------------------------------------------------------------------------------
+
+PHI_FILES = ("phi.json", "phi.safetensors")  # φ itself (trainables.train_attention's checkpoint)
+PHI_EXTRAS = ("meta_metrics.json", "heatmap.html")  # what the meta stage says about it
+
+
+def phi_published(storage: Storage, key: str) -> bool:
+    """A finished φ is under ``phi/<key>`` (its top manifest is written last)."""
+    m = storage.manifest("phi", key)
+    return m is not None and "meta_metrics.json" in m["files"]
+
+
+def publish_phi(storage: Storage, key: str, local: Path) -> None:
+    """A finished meta-training's directory (``local``: phi/ and meta_metrics.json, heatmap.html) under
+    ``phi/<key>`` in the storage: φ's files and their manifest first, the top manifest last."""
+    local = Path(local)
+    storage.put_dir(local / "phi", "phi", key, "phi", names=[f for f in PHI_FILES if (local / "phi" / f).is_file()])
+    storage.put_dir(local, "phi", key, names=[f for f in PHI_EXTRAS if (local / f).is_file()])
+
+
+def fetch_phi(storage: Storage, key: str, local: Path) -> Path:
+    """φ published under ``phi/<key>`` into ``local`` (this node's φ cache directory): fetched and checked
+    against its manifest, unless ``local`` holds that very copy already; safe when two trials on one node fetch it
+    at once. Returns ``local / "phi"``."""
+    from trainables.checkpoint import exclusive
+
+    local = Path(local)
+    top, inner = storage.manifest("phi", key), storage.manifest("phi", key, "phi")
+    if top is None or inner is None:
+        raise FileNotFoundError(f"{storage.join('phi', key)}: no finished φ there (the meta stage publishes it)")
+    local.mkdir(parents=True, exist_ok=True)
+    with exclusive(local / "phi"):
+        if not local_copy_matches(local / "phi", inner):
+            storage.get_dir(local / "phi", "phi", key, "phi")
+        for name in top["files"]:
+            if not local_copy_matches(local, {"files": {name: top["files"][name]}}):
+                data = storage.read_bytes("phi", key, name)
+                if data is not None:
+                    tmp = local / f".{name}.tmp"
+                    tmp.write_bytes(data)
+                    os.replace(tmp, local / name)
+    return local / "phi"
+
+
+class StorageCache:
+    """The epoch-0 evaluations of a study (trainables.continual.initial_evaluation's cache) in its storage, for
+    trials on any node: a JSON object each, written whole; the lock is this node's (trials started together on one
+    node evaluate once; trials on two nodes may both evaluate the same θ and write the same numbers)."""
+
+    def __init__(self, storage: Storage, *parts: str):
+        self.storage, self.parts = storage, parts
+
+    def lock(self, name: str):
+        import hashlib
+
+        from trainables.checkpoint import exclusive
+        from trainables.models import cache_dir
+
+        tag = hashlib.sha256(self.storage.join(*self.parts).encode()).hexdigest()[:16]
+        return exclusive(cache_dir() / "locks" / "initial_eval" / f"{tag}-{name}")
+
+    def read(self, name: str):
+        return self.storage.read_json(*self.parts, name)
+
+    def write(self, name: str, data: dict) -> None:
+        self.storage.write_json(data, *self.parts, name)

@@ -14,8 +14,9 @@ from ray import tune
 
 from trainables.loop import UNIT
 
-from .faults import failure_reason
+from .faults import failure_reason, retry_line
 from .mlflow_store import RUNNING_TAG, Study, terminate
+from .storage import Storage, fetch_phi
 
 SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge", "avg_changed_ppl", "avg_unchanged_ppl")
 CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "changed_ppl",
@@ -186,6 +187,14 @@ class MlflowTrials(tune.Callback):
         else:
             self.study.client.log_dict(rid, meta["config"], "meta_config.json")
             phi = Path(meta["tags"].get("taalm.phi_dir", ""))
+            if meta.get("phi") and not phi_trained_here(phi.parent):  # trained on another node: from the storage
+                uri, phi_key, local = meta["phi"]
+                try:
+                    fetch_phi(Storage(uri), phi_key, Path(local))
+                except OSError as e:  # the artifacts are a copy: the study goes on without them
+                    import logging
+
+                    logging.getLogger("ray.taalm").warning("φ's files not logged to MLflow: %s", e)
             for f in ("phi.json", "phi.safetensors", "heatmap.html", "meta_metrics.json"):
                 for cand in (phi / f, phi.parent / f):
                     if cand.is_file():
@@ -205,7 +214,7 @@ class MlflowTrials(tune.Callback):
         run = self.study.client.get_run(rid)
         retries = int(run.data.tags.get("taalm.retries", "0")) + 1
         self.study.client.set_tag(rid, "taalm.retries", str(retries))
-        self.study.client.set_tag(rid, "taalm.retry_reason", failure_reason(trial))
+        self.study.client.set_tag(rid, "taalm.retry_reason", retry_line(trial, failure_reason(trial)))
         self.study.client.set_tag(rid, RUNNING_TAG, f"{self._end_attempt(key):.1f}")  # the next attempt adds to it
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -236,3 +245,8 @@ def learning_curve_figure(curves: dict[str, dict[int, float]], title: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def phi_trained_here(d: Path) -> bool:
+    """This machine's φ cache directory ``d`` holds a finished meta-training (φ and meta_metrics.json)."""
+    return (d / "phi" / "phi.json").is_file() and (d / "meta_metrics.json").is_file()

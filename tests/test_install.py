@@ -106,3 +106,21 @@ def test_the_ray_internals_orchestrator_faults_patches_still_exist():
     setup = inspect.getsource(tune_module._setup_signal_catching)
     assert "SIGUSR1" in setup and "def signal_interrupt_tune_run" in setup, \
         "Tune's SIGUSR1 stop handler changed: review tuning.py StudyGuard._stop"
+
+
+def test_the_private_ray_call_that_reads_the_autoscalers_node_types_still_exists():
+    """orchestrator/cluster.py reads which node types Ray's autoscaler may add from the cluster config it publishes
+    in the GCS (`ray._private.state.state.get_cluster_config()`, what Ray Data's autoscaler reads too): a trial no
+    node fits is waited for only when a node type would fit it. A Ray that moved it would make every such trial
+    refused (the fallback is "cannot grow"), not hang: this says so first."""
+    import inspect
+
+    from ray._private.state import state
+    from ray.core.generated import autoscaler_pb2
+
+    assert callable(getattr(state, "get_cluster_config", None)), \
+        "ray._private.state.state.get_cluster_config is gone: update orchestrator/cluster.py autoscaler_node_types"
+    fields = {f.name for f in autoscaler_pb2.ClusterConfig.DESCRIPTOR.fields}
+    group = {f.name for f in autoscaler_pb2.NodeGroupConfig.DESCRIPTOR.fields}
+    assert "node_group_configs" in fields and {"resources", "max_count"} <= group
+    assert "GCS_AUTOSCALER_CLUSTER_CONFIG_KEY" in inspect.getsource(type(state).get_cluster_config)

@@ -13,6 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "orchestrator"
 LAYERS = [
     # the records, the storage, the estimates, the faults' words, logging, the progress protocol, MLflow's views
     ["specs", "storage", "memory", "faults", "logs", "progress", "mlflow_views"],
+    # what a study runs with (options, the plan a kind read from its spec file)
+    ["options"],
     # what a study is made of: spec files, the MLflow store, Ray (local instance, cluster), the trial driver,
     # the driver's caches, the report's numbers, the `mlflow server` supervision
     ["grid", "mlflow_store", "local_ray", "cluster", "ray_trainables", "caches", "report",
@@ -84,6 +86,24 @@ def test_the_checker_finds_an_upward_import():
 def test_no_module_of_the_orchestrator_is_over_350_lines():
     sizes = {p.name: len(p.read_text().splitlines()) for p in PKG.glob("*.py")}
     assert max(sizes.values()) <= 350, {k: v for k, v in sizes.items() if v > 350}
+
+
+def test_reading_a_study_and_its_report_imports_no_ray():
+    """Bad input in a spec file is refused, and `taalm report` / `taalm ui` read a study, before (without) Ray's
+    import: a fresh interpreter importing the CLI and the kinds, reading a grid and a search through their rows,
+    and the report's modules, has no ``ray`` module."""
+    import subprocess
+    import sys
+
+    root = PKG.parent
+    code = ("import sys; import orchestrator.cli, orchestrator.report_files, orchestrator.mlflow_server; "
+            "from orchestrator.kinds import load; "
+            f"load('grid', '{root / 'ablations' / 'smoke_tiny.yaml'}'); "
+            f"load('search', '{root / 'search_spaces' / 'tiny_search.yaml'}'); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout[-2000:]
 
 
 def test_the_low_layers_import_no_ray_at_module_level():
