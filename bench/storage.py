@@ -85,6 +85,7 @@ def per_checkpoint(s3, port: int, repeats: int) -> dict:
             local, remote = [], []
             for i in range(repeats):
                 dest = Path(tmp) / "storage" / f"{name.split()[0]}-{i}"
+                dest.mkdir(parents=True)
                 t = time.perf_counter()
                 fs.copy_files(str(src), str(dest), source_filesystem=fs.LocalFileSystem(),
                               destination_filesystem=fs.LocalFileSystem())
