@@ -181,10 +181,7 @@ class Seekr(Replay):
             attn = out.attentions
             loss = weighted_loss(token_nll(out.logits, b["input_ids"], b["attention_mask"]),
                                  prediction_mask(b["attention_mask"]))
-            grads = torch.autograd.grad(loss, attn, allow_unused=True)
-            s = torch.stack([(g * a).sum(dim=(0, 2, 3)).abs() if g is not None
-                             else torch.zeros(a.size(1), dtype=a.dtype, device=a.device)
-                             for g, a in zip(grads, attn)]).detach()
+            s = head_sensitivity(torch.autograd.grad(loss, attn, allow_unused=True), attn)
             sens = s if sens is None else sens + s
             before.append([a.detach() for a in attn])
         # trial update on the new documents (restored afterwards): which heads' attention moves
@@ -231,6 +228,14 @@ class Seekr(Replay):
 
     def describe(self) -> dict:
         return {**super().describe(), "seekr_heads": self.heads}
+
+
+def head_sensitivity(grads, attn) -> torch.Tensor:
+    """SEEKR's task sensitivity of every head, [layers, heads]: |Σ ∂L/∂A ⊙ A| over a batch's attention maps (a layer
+    the loss does not reach: 0, on the maps' device)."""
+    return torch.stack([(g * a).sum(dim=(0, 2, 3)).abs() if g is not None
+                        else torch.zeros(a.size(1), dtype=a.dtype, device=a.device)
+                        for g, a in zip(grads, attn)]).detach()
 
 
 def attention_distillation(attn, ref_attn, heads: list[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
