@@ -301,20 +301,26 @@ def test_a_resumed_run_keeps_the_epochs_before_its_checkpoint(tiny_cfg, tmp_path
 
 
 def test_the_out_of_memory_retry_restores_the_steps_generator(tiny_cfg):
-    def run(*extra, oom_above=None):
-        setup = prepare_run(tiny_cfg("params.dropout=0.0", "weighting.scheme=random", *extra))
+    """The first step's second micro-batch runs out of memory after the first micro-batch drew its random weights: the
+    step runs again in micro-batches of 1 and must draw what a run in micro-batches of 1 from the start draws."""
+    def run(micro, oom_at_second_micro_batch=False):
+        setup = prepare_run(tiny_cfg("params.dropout=0.0", "weighting.scheme=random", "train.oom=halve_batch",
+                                     f"train.micro_batch_size={micro}"))
+        calls = []
 
         def hook(module, args, kwargs):
             ids = kwargs.get("input_ids")
-            if oom_above is not None and module.training and ids is not None and ids.size(0) > oom_above:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            if module.training and ids is not None and ids.size(0) == 2:
+                calls.append(1)
+                if oom_at_second_micro_batch and len(calls) == 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         setup.model.register_forward_pre_hook(hook, with_kwargs=True)
         m = continual_update(setup.cfg, setup=setup)
         return m, {k: v.detach().clone() for k, v in setup.trainable.items()}
 
-    halved, ph = run("train.oom=halve_batch", oom_above=2)
-    explicit, pe = run("train.micro_batch_size=2")
-    assert len(halved["oom_events"]) == 1
+    halved, ph = run(2, oom_at_second_micro_batch=True)
+    explicit, pe = run(1)
+    assert [(e["from"], e["to"], e["where"]) for e in halved["oom_events"]] == [(2, 1, "epoch 1, step 0")]
     assert halved["train_loss"] == explicit["train_loss"] and halved["mean_weight"] == explicit["mean_weight"]
     assert all(torch.equal(ph[k], pe[k]) for k in ph)
 
