@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (bench/gpu_check.py says what each phase runs), one or more phases per command on the lent GPU
 # machine, through the `taalm` CLI and bench/ scripts (no Ray, no MLflow there). ../shared/gpu/README.md's commands:
-#   1.  bash .gpu/1/setup.sh && bash bench/gpu_check.sh A             (carrying .gpu/1; phase A needs no SmolLM2)
+#   1.  bash .gpu/1/setup.sh && bash bench/gpu_check.sh A             (carrying .gpu/1; phase A needs no SmolLM2:
+#                                                                      /tmp/site and /tmp/taalm-cache are used below)
 #   2.  bash .gpu/2/stash.sh                                          (carrying .gpu/2)
 #   3.  source .gpu/3/env.sh && bash bench/gpu_check.sh B C           (carrying .gpu/3)
 # Budgets on one H200: A 90 s, B 180 s, C 120 s (each phase stops by its own deadline; docs/RESULTS.md, "GPU").
@@ -17,6 +18,10 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 SCALE=${GPU_CHECK_SCALE:-full}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && [ "$DEVICE" = cpu ] && PY=.venv/bin/python
+# on the GPU machine: the wheels and the cache ../shared/gpu/ set up (command 1 has no .gpu/3/env.sh to source)
+if [ -d /tmp/site/transformers ]; then
+  export PYTHONPATH=${PYTHONPATH:-$PWD:/tmp/site} TAALM_CACHE=${TAALM_CACHE:-/tmp/taalm-cache} PYTHONUNBUFFERED=1
+fi
 total=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from gpu_check import BUDGETS
 print(sum(BUDGETS['$SCALE'][p] for p in '$PHASES'.split()))") || exit 2
 echo "gpu_check: phases $PHASES on $DEVICE ($SCALE), budget $total s, until $(date -d "+$(( total + 30 )) sec" +%H:%M:%S)"

@@ -14,7 +14,6 @@
 * RecAdam's foreach update is the per-tensor one, op for op.
 """
 
-import json
 import os
 import signal
 import subprocess
