@@ -17,7 +17,7 @@ B ``table9`` (180 s): SmolLM2 dequantized and LAMA-CKL tailored once (`taalm dat
   budget; every epoch's numbers come from the runs' OUT/epochs.jsonl (written as each epoch ends, so a stopped row
   reports every finished one). GPU seconds per trial-epoch over the window where all rows train, nvidia-smi's
   utilisation over it.
-C ``bench`` (120 s): bench/throughput.py (fp32 + eager, bf16 + fused attention: tokens/s, fraction of the measured
+C ``bench`` (150 s): bench/throughput.py (fp32 + eager, bf16 + fused attention: tokens/s, fraction of the measured
   and the datasheet peak), bench/meta_step.py (meta-step × plain step), then the compiled throughput on its own with
   the time left.
 
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 CLI = [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.argv[0] = 'taalm'; main()"]
 PHI = ROOT / "ablations" / "phi" / "smollm2-135m"
 # seconds per phase: on one H200 (the 15 minutes of a lent machine: ../shared/gpu/README.md), and the dry run here
-BUDGETS = {"full": {"A": 90, "B": 180, "C": 120}, "dry": {"A": 900, "B": 600, "C": 420}}
+BUDGETS = {"full": {"A": 90, "B": 180, "C": 150}, "dry": {"A": 900, "B": 600, "C": 420}}
 PLANTED = ["weighting.scheme=no_such_scheme"]  # GPU_CHECK_PLANT=1: a case that must fail
 
 CORRECTNESS = {
@@ -321,12 +321,13 @@ class Check:
         model, case = ("tiny", "tiny/lora") if dry else ("smollm2-135m", "smollm2-135m/lora")
         steps = ["--steps", "2" if dry else "20"]
         tp = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--device", self.device, "--cases", case, *steps]
-        runs = [("throughput_fp32_eager", tp + ["--precision", "fp32", "--attention", "eager"], 25),
-                ("throughput_bf16_sdpa", tp + ["--precision", "bf16", "--attention", "sdpa"], 25),
+        # each case: a process that imports torch and transformers, starts CUDA and loads SmolLM2 (~10 s), then measures
+        runs = [("throughput_fp32_eager", tp + ["--precision", "fp32", "--attention", "eager"], 30),
+                ("throughput_bf16_sdpa", tp + ["--precision", "bf16", "--attention", "sdpa"], 30),
                 ("meta_step", [sys.executable, str(ROOT / "bench" / "meta_step.py"), "--device", self.device,
                                "--model", model, "--runs", "1", "--repeats", "1" if dry else "3", "--modes", "plain",
-                               "meta", "meta_chunked", "--batch", "4" if dry else "8", "--max-length",
-                               "48" if dry else "96", "--precision", "bf16"], 35),
+                               "meta", "--batch", "4" if dry else "8", "--max-length", "48" if dry else "96",
+                               "--precision", "bf16"], 50),  # a process per mode
                 ("throughput_bf16_sdpa_compiled", tp + ["--precision", "bf16", "--attention", "sdpa", "--compile"],
                  None)]  # torch.compile on its own: the time left
         if self.plant:

@@ -5,7 +5,7 @@
 #                                                                      /tmp/site and /tmp/taalm-cache are used below)
 #   2.  bash .gpu/2/stash.sh                                          (carrying .gpu/2)
 #   3.  source .gpu/3/env.sh && bash bench/gpu_check.sh B C           (carrying .gpu/3)
-# Budgets on one H200: A 90 s, B 180 s, C 120 s (each phase stops by its own deadline; docs/RESULTS.md, "GPU").
+# Budgets on one H200: A 90 s, B 180 s, C 150 s (each phase stops by its own deadline; docs/RESULTS.md, "GPU").
 # Dry run here (the CPU, small sizes):  GPU_CHECK_DEVICE=cpu GPU_CHECK_SCALE=dry bash bench/gpu_check.sh A B C
 # GPU_CHECK_PLANT=1 adds a case that must fail to every phase (the exit status must then be 1).
 # What comes back, in $OUT: summary.json and gpu_check.tgz (every case's log and results, the runs' epochs.jsonl and
