@@ -112,10 +112,9 @@ def claim_gpu(device: str, share: float) -> dict:
 
     index = torch.device(device).index or 0
     fraction = memory_fraction(share, float(torch.cuda.get_device_properties(index).total_memory))
-    if fraction is None:
-        return {}
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
-    return {"gpu_memory_fraction": round(fraction, 4)}
+    # a whole GPU: no cap (1.0 also lifts an earlier trial's, in a reused process)
+    torch.cuda.set_per_process_memory_fraction(fraction or 1.0, index)
+    return {"gpu_memory_fraction": round(fraction, 4)} if fraction else {}
 
 
 def release_gpu() -> None:
