@@ -188,7 +188,6 @@ def initial_evaluation(setup: RunSetup, dp: Optional[DataParallel] = None, cache
 
     import transformers
 
-    from .checkpoint import exclusive
     from .models import model_key
 
     cfg = config_to_dict(setup.cfg)
@@ -199,18 +198,39 @@ def initial_evaluation(setup: RunSetup, dp: Optional[DataParallel] = None, cache
              "to_learn": [f.uuid for f in setup.split.to_learn], "ntf": [f.uuid for f in setup.split.ntf],
              "device": str(setup.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
              "transformers": transformers.__version__}
-    path = Path(cache) / (hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + ".json")
-    with exclusive(path):  # trials started together: one evaluates, the other waits and reads
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-                if saved.get("ident") == ident:
-                    return saved["evaluation"]
-            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
-                pass
+    name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + ".json"
+    if isinstance(cache, (str, Path)):
+        cache = DirCache(Path(cache))
+    with cache.lock(name):  # trials started together (on one machine): one evaluates, the other waits and reads
+        saved = cache.read(name)
+        if isinstance(saved, dict) and saved.get("ident") == ident and "evaluation" in saved:
+            return saved["evaluation"]
         ev = evaluate(setup, dp)
-        write_json_atomic(path, {"ident": ident, "evaluation": ev})
+        cache.write(name, {"ident": ident, "evaluation": ev})
     return ev
+
+
+class DirCache:
+    """The epoch-0 evaluations of a study in a directory (a JSON file each, written whole; a lock per file across
+    the processes of this machine). The orchestrator gives trials on a cluster one with the same three methods
+    over the study's storage (orchestrator/storage.py: StorageCache)."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    def lock(self, name: str):
+        from .checkpoint import exclusive
+
+        return exclusive(self.dir / name)
+
+    def read(self, name: str):
+        try:
+            return json.loads((self.dir / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def write(self, name: str, data: dict) -> None:
+        write_json_atomic(self.dir / name, data)
 
 
 # a resumed run may train longer, checkpoint differently, split its batches differently (the same update)
