@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .gpu_plan import GB, gpu_bytes, gpu_fit, gpu_memory  # noqa: F401 (gpu_memory: plan_stage's, and callers')
+from .gpu_plan import GB, gpu_bytes
 RUNTIME_GB = 0.45  # measured: a Ray worker that imported what a trial imports, before it loads a model (bench/memory_estimate.py)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 A_H, A_M = 16, 4
@@ -227,86 +227,6 @@ def estimate_meta(meta_cfg: dict) -> Optional[Estimate]:
              "fixed (fitted)": META_FIXED_GB["vmap" if m.get("batching", "vmap") == "vmap" else "sequential"] * GB}
     on_gpu = sum(parts.values()) - parts["runtime"] - (loaded - 1) * arch.params() * b  # the file's copy: host
     return Estimate(sum(parts.values()), parts, gpu_bytes(on_gpu, 0.0, 0.0))
-
-
-# ---- how many fit ------------------------------------------------------------------------------------------------
-
-@dataclass
-class Fit:
-    asked: int
-    fits: int  # trials at once that the memory holds (>= 1: a trial too large still runs, alone)
-    need_gb: float  # per worker
-    source: str  # "estimated" | "resources.memory_gb"
-    message: str
-    request_gb: float  # what Ray's scheduler is told per worker (at most the largest node's memory)
-
-
-def node_memory() -> list[float]:
-    """Bytes of Ray's ``memory`` resource of every alive node (what Ray lets tasks and actors reserve)."""
-    import ray
-
-    return [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
-
-
-def machine_memory() -> float:
-    import psutil
-
-    return float(psutil.virtual_memory().total)
-
-
-def plan(need_bytes: Optional[float], stated_gb: Optional[float], asked: int, workers: int,
-         nodes: list[float], machine: float, gpu: Optional[tuple[int, float]] = None,
-         gpus_per_worker: float = 0.0, gpu_need_bytes: Optional[float] = None) -> Fit:
-    """How many trials of ``workers`` workers, each needing ``need_bytes`` (or the user's ``stated_gb``), fit on
-    ``nodes`` (Ray's memory per node) and, when trials use GPUs, on ``gpu`` = (number of GPUs, bytes each; None:
-    unknown), each worker holding ``gpu_need_bytes`` there (:func:`orchestrator.gpu_plan.gpu_bytes`; None: the host
-    need plus the CUDA context). Returns the concurrency to run at and the message saying why."""
-    source = "resources.memory_gb" if stated_gb else "estimated"
-    need = stated_gb * GB if stated_gb else need_bytes
-    if not need or not nodes:
-        why = "memory per trial unknown (set resources.memory_gb)" if not need else "no node reports its memory"
-        return Fit(asked, asked, 0.0, source, f"{asked} at a time; {why}", 0.0)
-    per_node = [int(n // need) for n in nodes]
-    fits = sum(per_node) // max(1, workers)
-    largest = max(nodes)
-    where = (f"{largest / GB:.1f} GB Ray holds for trials of this machine's {machine / GB:.1f} GB" if len(nodes) == 1
-             else f"{sum(nodes) / GB:.1f} GB Ray holds for trials on {len(nodes)} nodes")
-    what = f"a trial needs {need / GB:.2f} GB ({source})" if workers == 1 else \
-        f"a trial's {workers} workers need {need / GB:.2f} GB each ({source})"
-    gfit, gpu_note = gpu_fit(gpu_need_bytes or gpu_bytes(need, 0.0, 0.0), gpu, gpus_per_worker, workers)
-    if fits < 1:
-        return Fit(asked, 1, need / GB, source,
-                   f"{what}, more than {where}: one at a time, and Ray's memory monitor may stop it{gpu_note}",
-                   min(need, largest) / GB)
-    if gfit is not None and gfit < min(fits, asked):  # the GPUs hold fewer than the host memory
-        n = max(1, gfit)  # none: more GPUs asked for than there are (Ray waits for them); a trial at a time
-        msg = f"{asked} at a time asked, {n} fit{'s' if n == 1 else ''} on the GPUs: {what}{gpu_note}"
-        return Fit(asked, n, need / GB, source, msg, need / GB)
-    if fits < asked:
-        msg = f"{asked} at a time asked, {fits} fit{'s' if fits == 1 else ''} in {where}: {what}{gpu_note}"
-    else:
-        msg = f"{what}; {asked} at a time (up to {fits} fit in {where}){gpu_note}"
-    return Fit(asked, min(asked, fits), need / GB, source, msg, need / GB)
-
-
-def plan_stage(resources, need: Optional[Estimate]) -> Fit:
-    """:func:`plan` for a study stage on the Ray instance this process is attached to."""
-    gpu = gpu_memory() if resources.gpus_per_worker > 0 else None
-    return plan(need.total if need else None, resources.memory_gb, resources.max_concurrent, resources.workers,
-                node_memory(), machine_memory(), gpu, resources.gpus_per_worker, need.gpu if need else None)
-
-
-def check_stated(resources, where: str, local: bool) -> None:
-    """Bad input before anything starts: a stated ``resources.memory_gb`` more than this machine's memory, on the
-    local instance a study would start (a cluster's nodes are known once attached: there it is planned, not
-    refused)."""
-    from trainables.errors import InputError
-
-    if resources.memory_gb and local:
-        total = machine_memory()
-        if resources.memory_gb * GB > total:
-            raise InputError(where, f"{resources.memory_gb:g} GB per trial worker, more than this machine's "
-                                    f"{total / GB:.1f} GB (Ray lets trials reserve about 70 % of the free memory)")
 
 
 def release_freed_memory() -> None:

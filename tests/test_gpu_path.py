@@ -200,7 +200,8 @@ def test_an_out_of_memory_error_in_the_vmapped_meta_batch_is_raised(tokenizer):
 
 def test_the_gpu_memory_plan_on_made_up_gpus():
     from orchestrator.gpu_plan import CUDA_CONTEXT_GB, gpu_bytes, gpu_fit
-    from orchestrator.memory import GB, estimate_trial, plan
+    from orchestrator.memory import GB, estimate_trial
+    from orchestrator.placement import plan
 
     # a trial larger than the GPU: one at a time, said (it kept the host memory's concurrency, 2, before)
     f = plan(200 * GB, None, asked=4, workers=1, nodes=[500 * GB], machine=600 * GB, gpu=(1, 141 * GB),
