@@ -161,8 +161,12 @@ def placed_device(spec: TrialSpec) -> tuple[str, dict]:
     placed = {"gpu_ids": ",".join(ids), "gpu_share": res.gpus_per_worker}
     if device == "cpu":
         return device, {**placed, "device": "cpu", "device_note": "device: cpu in the config"}
-    if torch.cuda.is_available():
-        return device, {**placed, "device": "cuda" if device == "auto" else device}
+    if torch.cuda.is_available():  # Ray's GPU as this process numbers it, capped at the trial's share of its memory
+        from .gpu_plan import claim_gpu, local_cuda
+
+        device, note = local_cuda(device, ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return device, {**placed, "device": device, **claim_gpu(device, res.gpus_per_worker),
+                        **({"device_note": note} if note else {})}
     why = "a CPU build" if torch.version.cuda is None else "no CUDA device or driver visible"
     note = (f"Ray assigned GPU {','.join(ids) or '?'} ({res.gpus_per_worker:g} of it) but this process has no CUDA "
             f"(torch {torch.__version__}: {why}): running on the CPU")
@@ -281,9 +285,11 @@ def run_trial(spec: TrialSpec) -> None:
         try:
             loop_worker(spec, TuneSession())
         finally:  # this process may run the next trial (reuse_actors): it starts from what is really in use
+            from .gpu_plan import release_gpu
             from .memory import release_freed_memory
 
             release_freed_memory()
+            release_gpu()
         return
     import ray.train
     from ray.train import FailureConfig, ScalingConfig

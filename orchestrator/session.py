@@ -23,7 +23,7 @@ from .cluster import check_requests, check_storage, check_trial_cpus, stage_requ
 from .faults import injected_faults, install
 from .local_ray import init_ray, local_cpus
 from .logs import configure_output
-from .memory import check_stated, plan_stage
+from .placement import check_stated, plan_stage
 from .mlflow_store import Study, default_tracking_uri
 from .options import StudyOptions, StudyPlan
 from .progress import Progress

@@ -11,8 +11,10 @@ PKG = Path(__file__).resolve().parents[1] / "orchestrator"
 
 # lowest first; a module imports only modules of the layers before its own
 LAYERS = [
+    # a trial's share of a GPU (the memory estimates and the trial driver read it)
+    ["gpu_plan"],
     # the records, the storage, the estimates, the faults' words, logging, the progress protocol, MLflow's views
-    ["specs", "storage", "memory", "faults", "logs", "progress", "mlflow_views"],
+    ["specs", "storage", "memory", "placement", "faults", "logs", "progress", "mlflow_views"],
     # what a study runs with (options, the plan a kind read from its spec file)
     ["options"],
     # what a study is made of: spec files, the MLflow store, Ray (local instance, cluster), the trial driver,
