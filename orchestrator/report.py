@@ -16,15 +16,37 @@ TW_HEADERS = ("CHANGED ppl (avg)", "UNCHANGED ppl (avg)")
 COLUMNS = LAMA_COLUMNS + TW_COLUMNS
 
 
-def study_protocol(tracking_uri: str, experiment: str) -> str:
-    """The protocol of a study (``lama_ckl`` / ``temporalwiki``), from its parent run's ``taalm.protocol`` tag
-    (stores written before that tag existed: ``lama_ckl``)."""
+def _study_tags(tracking_uri: str, experiment: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     run = study_run(client, exp.experiment_id) if exp else None
-    return run.data.tags.get("taalm.protocol", "lama_ckl") if run else "lama_ckl"
+    return run.data.tags if run else {}
+
+
+def study_protocol(tracking_uri: str, experiment: str) -> str:
+    """The protocol of a study (``lama_ckl`` / ``temporalwiki``), from its parent run's ``taalm.protocol`` tag
+    (stores written before that tag existed: ``lama_ckl``)."""
+    return _study_tags(tracking_uri, experiment).get("taalm.protocol", "lama_ckl")
+
+
+def study_objectives(tracking_uri: str, experiment: str) -> list[tuple[str, str]]:
+    """A search's objectives [(metric, max|min)], from its study run's ``taalm.objectives`` tag; [] for a grid."""
+    tag = _study_tags(tracking_uri, experiment).get("taalm.objectives", "")
+    return [tuple(o.split(":", 1)) for o in tag.split(",") if ":" in o]
+
+
+def dominates(q: tuple, p: tuple, modes: tuple) -> bool:
+    """q is at least as good as p in every objective and better in one (``modes``: "max" / "min" each)."""
+    sign = [1 if m == "max" else -1 for m in modes]
+    better = [s * (a - b) for a, b, s in zip(q, p, sign)]
+    return all(x >= 0 for x in better) and any(x > 0 for x in better)
+
+
+def pareto_front(points: list[tuple], modes: tuple = ("max", "max")) -> list[int]:
+    """The indices of the points no other point dominates (equal points are all kept)."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p, modes) for q in points)]
 
 
 def collect(tracking_uri: str, experiment: str) -> list[dict]:
@@ -42,7 +64,8 @@ def collect(tracking_uri: str, experiment: str) -> list[dict]:
                                 order_by=["attributes.start_time ASC"]):
         row = {"label": r.data.tags.get("taalm.label", r.info.run_name), "seed": r.data.tags.get("taalm.seed"),
                "order": int(r.data.tags.get("taalm.order", 10 ** 6)), "start": r.info.start_time,
-               "status": r.info.status, "failure": r.data.tags.get("taalm.failure"), "run_id": r.info.run_id}
+               "status": r.info.status, "failure": r.data.tags.get("taalm.failure"), "run_id": r.info.run_id,
+               "stopped_early": r.data.tags.get("taalm.stopped_early")}
         for k in COLUMNS:
             row[k] = r.data.metrics.get(k)
         curves = {}
@@ -72,8 +95,8 @@ def _per_fact(client, run_id: str) -> dict | None:
         return None
 
 
-def _summary_arrays(pf: dict) -> tuple[list[str], list[str], "np.ndarray", "np.ndarray"]:
-    """(TO-LEARN uuids, NTF uuids, [epochs, facts] TO-LEARN accuracies, [epochs, facts] NTF accuracies),
+def _summary_arrays(pf: dict) -> tuple[list[str], list[str], "np.ndarray", "np.ndarray", list[int]]:
+    """(TO-LEARN uuids, NTF uuids, [epochs, facts] TO-LEARN accuracies, [epochs, facts] NTF accuracies, the epochs),
     training epochs only (epoch 0 dropped, as Top Acc is taken over epochs 1..N when any was trained)."""
     import numpy as np
 
@@ -81,29 +104,70 @@ def _summary_arrays(pf: dict) -> tuple[list[str], list[str], "np.ndarray", "np.n
     keep = [i for i, e in enumerate(epochs) if e >= 1] or list(range(len(epochs)))
     tl = np.array([pf["to_learn"][i] for i in keep], dtype=float)
     nf = np.array([pf["ntf"][i] for i in keep], dtype=float)
-    return pf["to_learn_uuids"], pf["ntf_uuids"], tl, nf
+    return pf["to_learn_uuids"], pf["ntf_uuids"], tl, nf, [epochs[i] for i in keep]
 
 
-def _boot_summary(tl: "np.ndarray", nf: "np.ndarray", w_tl: "np.ndarray", w_nf: "np.ndarray"):
-    """Top Acc and Total Knowledge of one trial under B resampling weights of its facts: ``w_tl`` [B, facts]
-    and ``w_nf`` [B, ntf facts] (rows sum to 1). Top Acc = max over epochs of the weighted mean; NF Acc
-    at the first epoch reaching it."""
+def _rng(seed: int, *about) -> "np.random.Generator":
+    """A generator that is a function of ``seed`` and ``about`` only (JSON-able): what it resamples, never the
+    order in which a report meets its rows."""
+    import hashlib
+    import json
+
     import numpy as np
 
+    digest = hashlib.sha256(json.dumps([seed, *about]).encode()).digest()
+    return np.random.default_rng(np.frombuffer(digest[:16], dtype=np.uint32))
+
+
+def fact_resample(uuids: list[str], n_boot: int, seed: int) -> "np.ndarray":
+    """[B, facts] weights (each row sums to 1) of B bootstrap resamples of these facts, drawn from the facts' ids
+    and the seed alone: every method paired on these facts, and every training seed that used the same facts,
+    gets the same resamples (facts and seeds are crossed: a fact drawn twice counts twice in every seed)."""
+    import numpy as np
+
+    n = len(uuids)
+    return _rng(seed, "facts", list(uuids)).multinomial(n, np.full(n, 1 / n), size=n_boot) / n
+
+
+def seed_resample(seeds: list[str], n_boot: int, seed: int) -> "np.ndarray":
+    """[B, k] indices of B bootstrap resamples of the k training seeds (all zero for one seed), from their names."""
+    import numpy as np
+
+    k = len(seeds)
+    if k == 1:
+        return np.zeros((n_boot, 1), dtype=int)
+    return _rng(seed, "seeds", list(seeds)).integers(0, k, size=(n_boot, k))
+
+
+def _boot_summary(tl, nf, w_tl, w_nf, fixed: int | None = None) -> list:
+    """Top Acc, NF Acc and Total Knowledge of one trial under B resampling weights of its facts: ``w_tl`` [B,
+    facts] and ``w_nf`` [B, ntf facts] (rows sum to 1). Top Acc = max over epochs of the weighted mean; NF Acc
+    at the first epoch reaching it; ``fixed``: also NF Acc at that epoch's index."""
+    import numpy as np
+
+    rows = np.arange(len(w_tl))
     curves = w_tl @ tl.T  # [B, epochs]
     top_epoch = curves.argmax(axis=1)
-    top = curves[np.arange(len(curves)), top_epoch]
-    nf_at = (w_nf @ nf.T)[np.arange(len(curves)), top_epoch]
-    return top, top + nf_at
+    top = curves[rows, top_epoch]
+    nf_curves = w_nf @ nf.T
+    nf_at = nf_curves[rows, top_epoch]
+    return [top, nf_at, top + nf_at] + ([nf_curves[:, fixed]] if fixed is not None else [])
+
+
+PAIRED = ("top_acc", "nf_acc", "total_knowledge")
 
 
 def paired_differences(rows: list[dict], baseline: str | None = None, n_boot: int = 2000,
-                       seed: int = 0) -> list[dict]:
-    """Each method against the baseline row (default: "Finetune" if present, else the first method):
-    the mean over seeds of the difference in Top Acc and Total Knowledge, with a paired bootstrap 95 %
-    interval. Every replicate resamples seeds (with replacement, when there are several) and, within a
-    seed, the TO-LEARN and NOT-TO-FORGET facts, the SAME facts for both methods (they share the split),
-    and recomputes each method's Top Acc (max over epochs), its epoch and NF Acc there."""
+                       seed: int = 0, nf_epoch: int | None = None) -> list[dict]:
+    """Each method against the baseline row (default: "Finetune" if present, else the first method): the mean
+    over seeds of the difference in Top Acc, NF Acc (each method's at its own Top-Acc epoch, as the paper reads
+    it) and Total Knowledge, with a paired bootstrap 95 % interval (percentiles of ``n_boot`` replicates); with
+    ``nf_epoch``, also the difference in NF Acc at that epoch (the same epoch for both). A replicate resamples
+    the seeds (with replacement, when there are several) and the TO-LEARN and NOT-TO-FORGET facts, the SAME facts
+    for both methods (they share the split) and for every seed trained on the same facts, and recomputes each
+    method's Top Acc (max over epochs), its epoch and NF Acc there. The resamples are functions of the facts,
+    the seeds and ``seed`` only (:func:`fact_resample`, :func:`seed_resample`): a method's interval does not
+    depend on which other methods are in the report."""
     import numpy as np
 
     done = [r for r in rows if r["status"] == "FINISHED" and r.get("per_fact")]
@@ -117,38 +181,36 @@ def paired_differences(rows: list[dict], baseline: str | None = None, n_boot: in
         by.setdefault(r["label"], {})[str(r["seed"])] = _summary_arrays(r["per_fact"])
     if baseline not in by:
         return []
-    rng = np.random.default_rng(seed)
+    names = PAIRED + (("nf_acc_at_epoch",) if nf_epoch is not None else ())
     out = []
     for label in labels:
         if label == baseline or label not in by:
             continue
-        seeds = sorted(set(by[label]) & set(by[baseline]))
-        per_seed_point, per_seed_boot, n_facts = [], [], set()
-        for sd in seeds:
+        paired, n_facts = [], set()
+        for sd in sorted(set(by[label]) & set(by[baseline])):
             a, b = by[label][sd], by[baseline][sd]
-            if a[0] != b[0] or a[1] != b[1]:
-                continue  # not the same facts: no pairing possible for this seed
-            n_tl, n_nf = len(a[0]), len(a[1])
-            n_facts.add((n_tl, n_nf))
-            w_tl = rng.multinomial(n_tl, np.full(n_tl, 1 / n_tl), size=n_boot) / n_tl
-            w_nf = rng.multinomial(n_nf, np.full(n_nf, 1 / n_nf), size=n_boot) / n_nf if n_nf else None
-            if w_nf is None:
-                continue
-            ones_tl, ones_nf = np.full((1, n_tl), 1 / n_tl), np.full((1, n_nf), 1 / n_nf)
-            pa, pb = _boot_summary(a[2], a[3], ones_tl, ones_nf), _boot_summary(b[2], b[3], ones_tl, ones_nf)
-            ba, bb = _boot_summary(a[2], a[3], w_tl, w_nf), _boot_summary(b[2], b[3], w_tl, w_nf)
-            per_seed_point.append((pa[0][0] - pb[0][0], pa[1][0] - pb[1][0]))
-            per_seed_boot.append((ba[0] - bb[0], ba[1] - bb[1]))
-        if not per_seed_point:
+            if a[0] != b[0] or a[1] != b[1] or not a[1]:
+                continue  # not the same facts (no pairing possible for this seed), or no NOT-TO-FORGET fact
+            fixed = (a[4].index(nf_epoch), b[4].index(nf_epoch)) \
+                if nf_epoch is not None and nf_epoch in a[4] and nf_epoch in b[4] else None
+            n_facts.add((len(a[0]), len(a[1])))
+            w_tl, w_nf = fact_resample(a[0], n_boot, seed), fact_resample(a[1], n_boot, seed)
+            ones_tl, ones_nf = np.full((1, len(a[0])), 1 / len(a[0])), np.full((1, len(a[1])), 1 / len(a[1]))
+            fa, fb = (fixed or (None, None))
+            pa, pb = _boot_summary(a[2], a[3], ones_tl, ones_nf, fa), _boot_summary(b[2], b[3], ones_tl, ones_nf, fb)
+            ba, bb = _boot_summary(a[2], a[3], w_tl, w_nf, fa), _boot_summary(b[2], b[3], w_tl, w_nf, fb)
+            paired.append((sd, [x[0] - y[0] for x, y in zip(pa, pb)], [x - y for x, y in zip(ba, bb)]))
+        if not paired:
             continue
-        k = len(per_seed_point)
-        pick = rng.integers(0, k, size=(n_boot, k)) if k > 1 else np.zeros((n_boot, 1), dtype=int)
-        entry = {"method": label, "baseline": baseline, "seeds": k, "n_boot": n_boot,
+        pick = seed_resample([p[0] for p in paired], n_boot, seed)
+        entry = {"method": label, "baseline": baseline, "seeds": len(paired), "n_boot": n_boot,
                  "facts": sorted(n_facts)[0] if len(n_facts) == 1 else None}
-        for j, name in enumerate(("top_acc", "total_knowledge")):
-            boot = np.stack([d[j] for d in per_seed_boot], axis=1)  # [B, seeds]
+        if all(len(p[1]) > len(PAIRED) for p in paired):  # NF Acc at nf_epoch: only when every seed reached it
+            entry["nf_epoch"] = nf_epoch
+        for j, name in enumerate(names[:min(len(p[1]) for p in paired)]):
+            boot = np.stack([p[2][j] for p in paired], axis=1)  # [B, seeds]
             means = boot[np.arange(n_boot)[:, None], pick].mean(axis=1)
-            entry[f"d_{name}"] = float(np.mean([p[j] for p in per_seed_point]))
+            entry[f"d_{name}"] = float(np.mean([p[1][j] for p in paired]))
             entry[f"d_{name}_lo"], entry[f"d_{name}_hi"] = (float(x) for x in np.percentile(means, [2.5, 97.5]))
         out.append(entry)
     return out
@@ -240,3 +302,19 @@ def at_horizon(rows: list[dict], epochs: int) -> list[dict]:
                                  ntf=[pf["ntf"][i] for i in keep])
         out.append(r)
     return out
+
+
+PER_FACT_FORMAT = "taalm-report-per-fact/1"
+
+
+def rows_from_per_fact(path: Path) -> list[dict]:
+    """The trials of a report's per_fact.json (written by ``taalm report``) as rows :func:`paired_differences` and
+    :func:`at_horizon` take: a report's paired intervals can be recomputed from the file alone."""
+    import json
+
+    from trainables.errors import InputError
+
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != PER_FACT_FORMAT:
+        raise InputError(str(path), f"not a report's per_fact.json (format {data.get('format')!r})")
+    return [dict(t, curves={}) for t in data["trials"]]

@@ -3,11 +3,16 @@ Pareto plot (the numbers come from orchestrator/report.py), and the report attac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .mlflow_views import DEFAULT_ORDER, has_trials_view, study_run, view_links
-from .report import (LAMA_COLUMNS, LAMA_HEADERS, TW_COLUMNS, TW_HEADERS, at_horizon, collect, learning,
-                     not_learned_note, paired_differences, study_protocol, table)
+from .report import (LAMA_COLUMNS, LAMA_HEADERS, PER_FACT_FORMAT, TW_COLUMNS, TW_HEADERS, at_horizon, collect,
+                     learning, not_learned_note, paired_differences, pareto_front, study_objectives, study_protocol,
+                     table)
+
+
+SHORT = {"top_acc": "Top", "nf_acc": "NF", "total_knowledge": "Total", "nf_acc_at_epoch": "NF@"}
 
 
 def paired_markdown(diffs: list[dict]) -> str:
@@ -17,17 +22,25 @@ def paired_markdown(diffs: list[dict]) -> str:
     seeds = sorted({d["seeds"] for d in diffs})
     facts = diffs[0]["facts"]
     over = "facts and seeds" if max(seeds) > 1 else "facts (one seed: seed-to-seed variation is not in these intervals)"
+    fixed = sorted({d["nf_epoch"] for d in diffs if "nf_epoch" in d})
+    stats = [("top_acc", "Δ Top Acc"), ("nf_acc", "Δ NF Acc"), ("total_knowledge", "Δ Total Knowledge")] + \
+        ([("nf_acc_at_epoch", f"Δ NF Acc at epoch {fixed[0]}")] if fixed else [])
     lines = ["", f"Paired differences against {ref} (mean over seeds; 95 % paired bootstrap interval over {over}, "
                  f"{diffs[0]['n_boot']} replicates" + (f"; {facts[0]} TO-LEARN / {facts[1]} NOT-TO-FORGET facts"
-                                                      if facts else "") + "):", "",
-             "| method | Δ Top Acc | 95 % interval | Δ Total Knowledge | 95 % interval | seeds | excludes 0 |",
-             "|---|---|---|---|---|---|---|"]
+                                                      if facts else "") + "; NF Acc at each method's own Top-Acc "
+                 "epoch" + (f", and at epoch {fixed[0]} for both" if fixed else "") + "):", "",
+             "| method | " + " | ".join(f"{h} | 95 % interval" for _, h in stats) + " | seeds | excludes 0 |",
+             "|---|" + "---|---|" * len(stats) + "---|---|"]
     for d in diffs:
-        ex = [n for n in ("top_acc", "total_knowledge") if d[f"d_{n}_lo"] > 0 or d[f"d_{n}_hi"] < 0]
-        lines.append(f"| {d['method']} | {d['d_top_acc']:+.4f} | [{d['d_top_acc_lo']:+.4f}, {d['d_top_acc_hi']:+.4f}] "
-                     f"| {d['d_total_knowledge']:+.4f} | [{d['d_total_knowledge_lo']:+.4f}, "
-                     f"{d['d_total_knowledge_hi']:+.4f}] | {d['seeds']} | "
-                     f"{', '.join('Top' if n == 'top_acc' else 'Total' for n in ex) or 'no'} |")
+        cells, ex = [], []
+        for n, _ in stats:
+            if f"d_{n}" not in d:
+                cells.append("n/a | n/a")
+                continue
+            cells.append(f"{d[f'd_{n}']:+.4f} | [{d[f'd_{n}_lo']:+.4f}, {d[f'd_{n}_hi']:+.4f}]")
+            if d[f"d_{n}_lo"] > 0 or d[f"d_{n}_hi"] < 0:
+                ex.append(SHORT[n] + (str(d["nf_epoch"]) if n == "nf_acc_at_epoch" else ""))
+        lines.append(f"| {d['method']} | " + " | ".join(cells) + f" | {d['seeds']} | {', '.join(ex) or 'no'} |")
     return "\n".join(lines)
 
 
@@ -67,11 +80,42 @@ def failures(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stopped_early(rows: list[dict]) -> str:
+    stopped = [r for r in rows if r.get("stopped_early")]
+    if not stopped:
+        return ""
+    lines = ["", f"Stopped early ({len(stopped)} of {len(rows)} trials; their summary is over the epochs they ran):"]
+    lines += [f"- {r['label']} seed {r['seed']}: {r['stopped_early']}" for r in stopped]
+    return "\n".join(lines)
+
+
+def search_front(rows: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
+    """A two-objective search's Pareto front: the finished trials no other finished trial dominates in the
+    objectives (each trial is a point; a trial stopped early counts with the summary it reached)."""
+    if len(objectives) != 2:
+        return []
+    names, modes = tuple(o[0] for o in objectives), tuple(o[1] for o in objectives)
+    pts = [r for r in rows if r["status"] == "FINISHED" and all(isinstance(r.get(n), float) and r[n] == r[n]
+                                                                 for n in names)]
+    return [pts[i] for i in pareto_front([tuple(r[n] for n in names) for r in pts], modes)]
+
+
+def front_markdown(front: list[dict], objectives: list[tuple[str, str]], n: int) -> str:
+    if not front:
+        return ""
+    what = ", ".join(f"{m} {mode}" for m, mode in objectives)
+    lines = ["", f"Pareto front of the search ({what}): {len(front)} of {n} finished trials, none dominated by another:"]
+    lines += [f"- {r['label']}: " + ", ".join(f"{m} {r[m]:.4f}" for m, _ in objectives) for r in front]
+    return "\n".join(lines)
+
+
 def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: str | None = None,
-                 more: "list[tuple[str, str]]" = (), epochs: int | None = None) -> dict:
+                 more: "list[tuple[str, str]]" = (), epochs: int | None = None, nf_epoch: int | None = None) -> dict:
     """Build the report of a study; ``more`` = further (tracking URI, experiment) pairs whose trials join
     the same table (e.g. the seeds of one grid run as two studies). A method and seed found in two
-    studies is an error. ``epochs``: report every trial over its first epochs only (:func:`at_horizon`)."""
+    studies is an error. ``epochs``: report every trial over its first epochs only (:func:`at_horizon`);
+    ``nf_epoch``: the paired differences also compare NF Acc at that epoch. Writes per_fact.json: every finished
+    trial's per-fact accuracies, what the paired intervals are computed from (:func:`rows_from_per_fact`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,15 +155,26 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: st
     for r in rows:  # each trial's verdict, into trials.parquet
         v = learning(r) if protocol != "temporalwiki" else None
         r["learned"], r["to_learn_gain"] = (v["learned"], v["gain"]) if v else (None, None)
-    diffs = paired_differences(rows, baseline)
+    diffs = paired_differences(rows, baseline, nf_epoch=nf_epoch)
+    objectives = study_objectives(tracking_uri, experiment) if not more else []
+    front = search_front(rows, objectives)
+    on_front = {r["run_id"] for r in front}
+    for r in rows:
+        r["on_front"] = r["run_id"] in on_front if front else None
     md = (f"Over epochs 0..{epochs} of every trial.\n\n" if epochs is not None else "") + \
-        markdown(tab, protocol) + paired_markdown(diffs) + failures(rows)
+        markdown(tab, protocol) + paired_markdown(diffs) + \
+        front_markdown(front, objectives, sum(r["status"] == "FINISHED" for r in rows)) + \
+        stopped_early(rows) + failures(rows)
     (out_dir / "table.md").write_text(md + "\n")
     t = pa.Table.from_pylist(tab)
     pacsv.write_csv(t, out_dir / "table.csv")
     pq.write_table(t, out_dir / "table.parquet")
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k not in ("curves", "per_fact")}
                                          for r in rows]), out_dir / "trials.parquet")
+    tmp = out_dir / "per_fact.json.tmp"
+    tmp.write_text(json.dumps({"format": PER_FACT_FORMAT, "trials": [
+        {k: r[k] for k in ("label", "seed", "status", "per_fact")} for r in rows if r.get("per_fact")]}))
+    tmp.replace(out_dir / "per_fact.json")
     if diffs:
         pacsv.write_csv(pa.Table.from_pylist([{k: v for k, v in d.items() if k != "facts"} for d in diffs]),
                         out_dir / "paired.csv")
@@ -147,12 +202,12 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: st
 
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
     pts = [(e["top_acc"], e["nf_acc"], e["method"]) for e in tab if e["top_acc"] == e["top_acc"]]
-    front = pareto_front([(p[0], p[1]) for p in pts])
+    best = [pts[i][:2] for i in pareto_front([(p[0], p[1]) for p in pts])]
     for x, y, name in pts:
-        ax.scatter(x, y, color="C3" if (x, y) in front else "C0")
+        ax.scatter(x, y, color="C3" if (x, y) in best else "C0")
         ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if front:
-        fx, fy = zip(*sorted(front))
+    if best:
+        fx, fy = zip(*sorted(best))
         ax.plot(fx, fy, "--", color="C3", lw=1)
     ax.set_xlabel("Top Acc (plasticity)")
     ax.set_ylabel("NF Acc (stability)")
@@ -162,7 +217,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: st
     plt.close(fig)
     if not more:
         _attach_to_study_run(tracking_uri, experiment, out_dir, md)
-    return {"markdown": md, "table": tab, "paired": diffs, "dir": str(out_dir), "protocol": protocol}
+    return {"markdown": md, "table": tab, "paired": diffs, "dir": str(out_dir), "protocol": protocol,
+            "front": [{"run_id": r["run_id"], "label": r["label"], **{m: r[m] for m, _ in objectives}} for r in front]}
 
 
 def _attach_to_study_run(tracking_uri: str, experiment: str, out_dir: Path, md: str) -> None:
@@ -188,9 +244,3 @@ def _attach_to_study_run(tracking_uri: str, experiment: str, out_dir: Path, md: 
         links = f"[The trials by {by}]({view.lstrip('/')})" + \
             (f" · [compare them]({compare.lstrip('/')})" if n else "") + "\n\n"
     client.set_tag(rid, "mlflow.note.content", f"# {experiment}\n\n{links}{md}\n"[:7900])  # a tag holds 8000 characters
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points not dominated in (maximise x, maximise y)."""
-    return [p for p in points
-            if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)]

@@ -68,6 +68,9 @@ def run_space(s: LoadedSearch, options: StudyOptions) -> dict:
                 "params": run_params(cfg, sampled, label=label_of(sampled), seed=cfg["seed"]),
                 "tags": {"taalm.label": label_of(sampled), "taalm.seed": cfg["seed"]}}
 
+    # what the report's Pareto front is taken over (orchestrator/report_files.py: search_front)
+    st.study.client.set_tag(st.study.parent_id, "taalm.objectives",
+                            ",".join(f"{o.metric}:{o.mode}" for o in spec.objectives))
     res = st.plan_memory(spec.resources, estimate_trial(largest_config(spec, base), spec.resources.runs_lean(),
                                                         spec.resources.keep_weights_gb), "trials")
     trainable = tune.with_parameters(search_driver, base=base, resources=res.model_dump(mode="json"),

@@ -164,6 +164,13 @@ class MlflowTrials(tune.Callback):
             self.study.client.set_tag(rid, "taalm.earlier_failure", failure)
             self.study.client.delete_tag(rid, "taalm.failure")
         if meta["role"] == "trial":
+            planned = (meta["config"].get("train") or {}).get("epochs")
+            reached = max(self.curves[key].get("to_learn_acc") or {}, default=None)
+            if last.get("kind") == "epoch" and isinstance(planned, int) and reached is not None and reached < planned:
+                # completed before its last epoch: the search's scheduler (ASHA) stopped it there (Tune: TERMINATED)
+                self.study.client.set_tag(rid, "taalm.stopped_after_epoch", str(reached))
+                self.study.client.set_tag(rid, "taalm.stopped_early", f"by the scheduler (ASHA) after epoch "
+                                                                      f"{reached} of {planned}")
             finals = [Metric(k, float(last[k]), now, 0) for k in SUMMARY
                       if isinstance(last.get(k), (int, float)) and last[k] == last[k]]
             self.study.client.log_batch(rid, metrics=finals)

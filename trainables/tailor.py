@@ -32,8 +32,9 @@ CHECK_RTOL = 1e-4  # relative tolerance of that check (float summation order may
 
 
 def score_facts(model, tokenizer, lama: LamaCKL, task: str, batch_size: int = 32,
-                device="cpu", progress=None) -> dict[str, float]:
-    facts = lama.all_facts()
+                device="cpu", progress=None, only: Optional[set] = None) -> dict[str, float]:
+    """Every fact's probe accuracy (``only``: the facts of these uuids)."""
+    facts = [f for f in lama.all_facts() if only is None or f.uuid in only]
     probes = encode_probes(tokenizer, facts, task)
     scores = {}
     step = max(batch_size * 4, 1)
@@ -190,8 +191,9 @@ def write_split(split: Split, out_dir: Path, lama: LamaCKL, task: str) -> None:
 # `python -m trainables.tailor check` recomputes every shipped file and compares.
 
 
-def _fresh_scores(model_name: str, task: str, batch_size: int, threads: Optional[int]):
-    """(model config, data, tokenizer, base model, scores computed now by :func:`score_facts`)."""
+def _fresh_scores(model_name: str, task: str, batch_size: int, threads: Optional[int], facts: Optional[int] = None):
+    """(model config, data, tokenizer, base model, scores computed now by :func:`score_facts`; ``facts``: of that
+    many facts only, spread evenly over the sorted uuids)."""
     import torch
 
     from .data import load_lama
@@ -202,7 +204,11 @@ def _fresh_scores(model_name: str, task: str, batch_size: int, threads: Optional
     model_cfg = ModelConfig(name=model_name)
     lama = load_lama()
     theta = build_theta(model_cfg, None, torch.device("cpu"))  # the base model, as `taalm data tailor` scores
-    scores = score_facts(theta.model, theta.tokenizer, lama, task, batch_size, "cpu")
+    only = None
+    if facts is not None:
+        uuids = sorted(f.uuid for f in lama.all_facts())
+        only = set(uuids[::max(1, len(uuids) // facts)][:facts])
+    scores = score_facts(theta.model, theta.tokenizer, lama, task, batch_size, "cpu", only=only)
     return model_cfg, lama, theta, scores
 
 
@@ -233,13 +239,14 @@ def ship(model_name: str, task: str, batch_size: int = 32, threads: Optional[int
     return path
 
 
-def check(threads: Optional[int] = None) -> list[str]:
-    """Recompute every shipped score file; the differences found (empty: each equals a fresh computation)."""
+def check(threads: Optional[int] = None, facts: Optional[int] = None) -> list[str]:
+    """Recompute every shipped score file (``facts``: that many of its facts, spread over the sorted uuids, and the
+    logit check); the differences found (empty: each equals a fresh computation)."""
     problems = []
     for path in sorted(SHIPPED_SCORES.glob("*.json")):
         rec = json.loads(path.read_text())
         model_cfg, lama, theta, scores = _fresh_scores(rec["model"], rec["task"], rec["produced_by"]["batch_size"],
-                                                       threads)
+                                                       threads, facts)
         if path.name != f"{scores_key(model_cfg, lama, rec['task'])}.json" or \
                 shipped_scores_file(model_cfg, lama, rec["task"]) != path:
             problems.append(f"{path.name}: not the score file of {rec['model']} on this data ({lama.hash})")
@@ -267,11 +274,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--threads", type=int, default=None)
     c = sub.add_parser("check", help="recompute every shipped score file and compare (exit 1 on a difference)")
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--facts", type=int, default=None, help="recompute this many facts only (spread over the uuids)")
     args = ap.parse_args(argv)
     if args.cmd == "ship":
         print(ship(args.model, args.task, threads=args.threads))
         return 0
-    problems = check(args.threads)
+    problems = check(args.threads, args.facts)
     for p in problems:
         print("DIFFERS:", p)
     return 1 if problems else 0
