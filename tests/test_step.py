@@ -88,13 +88,17 @@ def test_out_of_memory_fails_with_the_size_that_did_not_fit(tiny_cfg):
 
 
 def test_bf16_autocast_stays_within_its_bound_of_fp32(tiny_cfg):
-    """bf16 autocast of the forward passes (fp32 weights and optimizer): every epoch's training loss within 2 % of
-    fp32's on `tiny` (measured: about 1e-5 relative; the random model's losses sit near log V and the logits'
-    bf16 error, ~0.3 % of their scale, averages out), NOT-TO-FORGET accuracy within 2 of its 8 facts."""
+    """bf16 autocast of the forward passes (fp32 weights and optimizer): every epoch's training loss stays within 5 %
+    of how far fp32's loss moves over the run (the bound scaled to what training changes: `tiny`'s loss sits near
+    log V and moves ~0.035 in 3 epochs, so a relative bound on the loss itself, 2 % = 0.2, held anything; measured
+    here: the gap at most 7e-5, 0.2 % of the movement; a loss summed in bf16, 0.06 apart near 10.8, would not pass).
+    (Evaluation runs in fp32 whatever the precision: tests/test_gpu_path.py.)"""
     fp32, _ = _run(tiny_cfg, "train.epochs=3")
     bf16, _ = _run(tiny_cfg, "train.epochs=3", "train.precision=bf16")
-    assert bf16["train_loss"][1:] == pytest.approx(fp32["train_loss"][1:], rel=0.02)
-    assert all(abs(a - b) <= 2 / 8 for a, b in zip(bf16["ntf_acc"], fp32["ntf_acc"]))
+    moved = abs(fp32["train_loss"][1] - fp32["train_loss"][-1])
+    assert moved > 0.01, fp32["train_loss"]  # training moved the loss: the bound below means something
+    gaps = [abs(a - b) for a, b in zip(bf16["train_loss"][1:], fp32["train_loss"][1:])]
+    assert max(gaps) <= 0.05 * moved, (gaps, moved)
     assert bf16["train_loss"] != fp32["train_loss"]  # it did run in bf16
 
 
