@@ -68,12 +68,24 @@ def keep_mask(texts, rule: str):
     keep = pc.greater(n_stripped, 0)
     if rule == "taalm":
         n = pc.utf8_length(texts)
-        letters = pc.count_substring_regex(texts, "[a-zA-Z]")
-        ratio = pc.divide(pc.cast(letters, "float64"), pc.cast(pc.max_element_wise(n, 1), "float64"))
+        ratio = pc.divide(pc.cast(_ascii_letters(texts), "float64"), pc.cast(pc.max_element_wise(n, 1), "float64"))
         short_nan = pc.and_(pc.match_substring(stripped, "nan"), pc.less(n_stripped, TAALM_MIN_CHARS))
         keep = pc.and_(pc.and_(keep, pc.greater_equal(n, TAALM_MIN_CHARS)),
                        pc.and_(pc.greater_equal(ratio, TAALM_MIN_LETTERS), pc.invert(short_nan)))
     return keep
+
+
+def _ascii_letters(texts):
+    """[a-zA-Z] per string, counted on the UTF-8 bytes (bytes of a multi-byte character are >= 0x80)."""
+    import numpy as np
+    import pyarrow as pa
+
+    texts = texts.cast(pa.large_string()) if not pa.types.is_large_string(texts.type) else texts
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset:texts.offset + len(texts) + 1]
+    data = np.frombuffer(texts.buffers()[2], dtype=np.uint8) if texts.buffers()[2] is not None else np.zeros(0, np.uint8)
+    low = data | 0x20
+    counts = np.concatenate([[0], np.cumsum((low >= ord("a")) & (low <= ord("z")), dtype=np.int64)])
+    return pa.array(counts[offsets[1:]] - counts[offsets[:-1]])
 
 
 def prepare_diff(path: Path, tokenizer, *, text_column: str, max_length: int, long_docs: str, filter: str,
