@@ -68,7 +68,12 @@ def stream(path: Path, columns: Sequence[str], where: str) -> Iterator[tuple[int
                 if col is None or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) \
                         or col.null_count:
                     raise _Invalid()
-                cols[c] = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+                col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+                try:
+                    col.validate(full=True)  # UTF-8 (a JSON reader may pass bytes that are not)
+                except pa.ArrowInvalid:
+                    raise _Invalid() from None
+                cols[c] = col
             yield row, cols
             row += batch.num_rows
     except InputError:
