@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-REMAP_EVERY = 64  # batches read from a cache file before it is mapped anew (drops the pages read so far)
+REMAP_EVERY = 16  # batches read from a cache file before it is mapped anew (releases the pages read so far)
 ENTRY_VERSION = 1  # part of every cache key: how an entry is built
 TAALM_MIN_CHARS, TAALM_MIN_LETTERS = 50, 0.3  # the release's diff-set filter (preprocess_temporalwiki_dataset.py)
 
@@ -200,12 +200,21 @@ class DiffSet(Sequence):
         self.entry, self.built = entry, built
         self.manifest = json.loads((entry / "manifest.json").read_text())
         self._open()
-        doc = np.asarray(self._ds.data.column("doc").to_numpy())
+        doc = self._table.column("doc").to_numpy()
         self._order = None if bool((np.diff(doc) >= 0).all()) else np.argsort(doc, kind="stable")
         self._reads = 0
 
     def _open(self) -> None:
-        self._ds = _datasets().Dataset.from_file(str(self.entry / "tokens.arrow"), in_memory=False)
+        """Map the entry (an Arrow stream `datasets` wrote; read with pyarrow, whose table holds no reference cycle, so
+        the previous mapping and the pages read through it are released at once)."""
+        import numpy as np
+        import pyarrow as pa
+
+        self._table = None
+        with pa.memory_map(str(self.entry / "tokens.arrow")) as source:
+            self._table = pa.ipc.open_stream(source).read_all()
+        self._chunks = self._table.column("input_ids").chunks
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
         self._reads = 0
 
     def __len__(self) -> int:
@@ -217,13 +226,16 @@ class DiffSet(Sequence):
         return self.take([i])[0]
 
     def take(self, positions: Sequence[int]) -> list:
+        import numpy as np
+
         from .encode import EncodedDoc
 
         if self._reads >= REMAP_EVERY:  # a new mapping: the pages read through the old one are no longer ours
             self._open()
         self._reads += 1
         rows = [int(p) if self._order is None else int(self._order[p]) for p in positions]
-        ids = self._ds[rows]["input_ids"] if rows else []
+        at = np.searchsorted(self._starts, rows, side="right") - 1  # row -> (record batch, row in it): no concatenation
+        ids = [self._chunks[c][r - self._starts[c]].as_py() for r, c in zip(rows, at.tolist())]
         return [EncodedDoc(list(x), [0] * len(x)) for x in ids]
 
     def stats(self) -> dict:
