@@ -110,7 +110,8 @@ def bench(a) -> dict:
 
     work = Path(a.work or tempfile.mkdtemp(prefix="twbench"))
     res = {"machine": f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}",
-           "model": "tiny (SmolLM2 tokenizer)", "max_length": a.max_length, "trial_max_length": a.trial_max_length, "max_docs_per_period": a.max_docs,
+           "model": "tiny (SmolLM2 tokenizer)", "max_length": a.max_length, "trial_max_length": a.trial_max_length,
+           "max_docs_per_period": a.max_docs,
            "batch_size": a.batch_size, "repeats": a.repeats, "full_max": a.full_max, "sizes": {}}
     for n in a.sizes:
         diff = work / f"diff_{n}.csv"
@@ -154,7 +155,7 @@ def main() -> int:
     ap.add_argument("--diff")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-docs", type=int, default=64)
-    ap.add_argument("--trial-max-length", type=int, default=64, help="the trial's train.max_length (the tiny example's)")
+    ap.add_argument("--trial-max-length", type=int, default=64, help="the trial's train.max_length (tiny's example)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])

@@ -139,7 +139,7 @@ def test_a_run_killed_mid_period_resumes_to_the_same_numbers(tmp_path, cache):
 
     full = temporalwiki_run(_cfg(tmp_path), out_dir=tmp_path / "full")
     assert [p["n_docs"] for p in full["periods"]] == [16, 16]
-    assert full["periods"][0]["max_docs_per_period"] == 16 and full["config"]["temporalwiki"]["max_docs_per_period"] == 16
+    assert full["periods"][0]["max_docs_per_period"] == full["config"]["temporalwiki"]["max_docs_per_period"] == 16
 
     class Kill(Callback):
         def on_step(self, unit, step, n_steps, loss):
@@ -193,11 +193,11 @@ def test_bad_files_name_the_file_and_row_and_cache_nothing(tmp_path, cache, toke
 def test_a_bad_diff_set_exits_2_naming_it(tmp_path):
     _bad_files(tmp_path)
     cfg = tmp_path / "tw.yaml"
-    cfg.write_text(EXAMPLE.read_text().replace("../tests/fixtures/temporalwiki/1011.jsonl", str(tmp_path / "notjson.jsonl"))
-                   .replace("../tests/fixtures/", f"{ROOT}/tests/fixtures/"))
-    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "temporalwiki", str(cfg), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ,
-                                                                         "TAALM_CACHE": str(tmp_path / "c")})
+    text = EXAMPLE.read_text().replace("../tests/fixtures/temporalwiki/1011.jsonl", str(tmp_path / "notjson.jsonl"))
+    cfg.write_text(text.replace("../tests/fixtures/", f"{ROOT}/tests/fixtures/"))
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "temporalwiki", str(cfg), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
+                       env={**__import__("os").environ, "TAALM_CACHE": str(tmp_path / "c")})
     assert r.returncode == 2, r.stdout + r.stderr
     assert "notjson.jsonl:2" in r.stdout + r.stderr and not (tmp_path / "o" / "metrics.json").exists()
 

@@ -266,7 +266,8 @@ def temporalwiki_run(cfg: TemporalWikiConfig, out_dir: Optional[str | Path] = No
         run.docs = docs_of
         loss_sum, n_steps = (at["loss_sum"], at["n_steps"]) if at else (0.0, 0)
         for e in range(at["epoch"] if at else 0, tw.epochs_per_period):
-            order, n_batches = period_order(len(docs_of), cfg.train.batch_size, seeds.period_batch_order(cfg.seed, i, e))
+            order, n_batches = period_order(len(docs_of), cfg.train.batch_size,
+                                            seeds.period_batch_order(cfg.seed, i, e))
             for step in range(at["step"] if at and at["epoch"] == e else 0, n_batches):
                 idx = order[step * cfg.train.batch_size:(step + 1) * cfg.train.batch_size].tolist()
                 gen = torch.Generator().manual_seed(seeds.period_step(cfg.seed, i, e, step))

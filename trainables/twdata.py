@@ -82,7 +82,8 @@ def _ascii_letters(texts):
 
     texts = texts.cast(pa.large_string()) if not pa.types.is_large_string(texts.type) else texts
     offsets = np.frombuffer(texts.buffers()[1], dtype=np.int64)[texts.offset:texts.offset + len(texts) + 1]
-    data = np.frombuffer(texts.buffers()[2], dtype=np.uint8) if texts.buffers()[2] is not None else np.zeros(0, np.uint8)
+    buf = texts.buffers()[2]
+    data = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
     low = data | 0x20
     counts = np.concatenate([[0], np.cumsum((low >= ord("a")) & (low <= ord("z")), dtype=np.int64)])
     return pa.array(counts[offsets[1:]] - counts[offsets[:-1]])
