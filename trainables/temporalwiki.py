@@ -74,7 +74,7 @@ class TemporalWikiOptions(_Strict):
     epochs_per_period: int = Field(1, ge=1)
     probe_size: Optional[int] = Field(None, ge=1)  # seeded subsample of each probe set
     max_docs_per_period: Optional[int] = Field(None, ge=1)  # seeded sample of each period's documents
-    diff_size: Optional[int] = Field(None, ge=1)  # its former name (the same draw)
+    diff_size: Optional[int] = Field(None, ge=1)  # its former name, kept equal to it (MLflow's trial params read it)
     text_column: str = Field("text", min_length=1)
     long_docs: Literal["truncate", "chunk"] = "truncate"  # beyond train.max_length: truncate (the TAALM release)
     filter: Literal["none", "taalm"] = "none"  # taalm: the release's filter of diff-set rows (twdata.keep_mask)
@@ -83,10 +83,10 @@ class TemporalWikiOptions(_Strict):
 
     @model_validator(mode="after")
     def _one_name(self):
-        if self.diff_size is not None:
-            if self.max_docs_per_period not in (None, self.diff_size):
-                raise ValueError("give max_docs_per_period (diff_size is its former name), not both")
-            self.__dict__.update(max_docs_per_period=self.diff_size, diff_size=None)
+        if None not in (self.diff_size, self.max_docs_per_period) and self.diff_size != self.max_docs_per_period:
+            raise ValueError("give max_docs_per_period (diff_size is its former name), not both")
+        k = self.max_docs_per_period if self.max_docs_per_period is not None else self.diff_size
+        self.__dict__.update(max_docs_per_period=k, diff_size=k)
         return self
 
 
