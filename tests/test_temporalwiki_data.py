@@ -99,6 +99,9 @@ def test_the_cache_is_built_once_and_reused(generated, cache, tokenizer, monkeyp
     picked = [rows[i] for i in __import__("random").Random(5).sample(range(len(rows)), 64)]
     assert _ids(first) == [x[:64] for x in tokenizer(picked, add_special_tokens=True)["input_ids"]]
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [first.entry.name]
+    import datasets  # offline, its own cache under TAALM_CACHE
+
+    assert datasets.config.HF_HUB_OFFLINE and cache.parent in Path(datasets.config.HF_DATASETS_CACHE).parents
 
 
 def _trial(diff: Path, cache_dir: Path, out: Path) -> dict:

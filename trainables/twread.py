@@ -21,9 +21,10 @@ def cache_root() -> Path:
 
 
 def _datasets():
-    """`datasets`, offline, its cache under TAALM_CACHE, quiet (imported here only: it costs a trial ~1 s)."""
+    """`datasets`, offline, its cache under TAALM_CACHE, quiet (imported here only: it costs a trial ~1 s). Only
+    `datasets`' own settings change (HF_HUB_OFFLINE is the user's: transformers reads it, model.allow_download)."""
     hf = cache_root() / "hf_datasets"
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(hf))
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(hf))
     import datasets
 
     datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
