@@ -80,7 +80,7 @@ def cmd_trial(a) -> dict:
     import torch
 
     from trainables.config import load_config
-    from trainables.temporalwiki import TemporalWikiConfig, resolve_paths, temporalwiki_run
+    from trainables.temporalwiki import TemporalWikiConfig, prepare_temporalwiki, resolve_paths, temporalwiki_run
 
     torch.set_num_threads(1)
     example = ROOT / "examples" / "temporalwiki_tiny.yaml"
@@ -89,9 +89,13 @@ def cmd_trial(a) -> dict:
         f"temporalwiki.max_docs_per_period={a.max_docs}", "temporalwiki.filter=taalm",
         f"train.max_length={a.trial_max_length}"], schema=TemporalWikiConfig), example.parent)
     t = time.perf_counter()
-    m = temporalwiki_run(cfg, out_dir=a.out)
+    start = peak_rss()
+    setup = prepare_temporalwiki(cfg)  # tokenizer, the period's data (streamed, sampled, tokenized), θ
+    setup_peak = peak_rss()
+    m = temporalwiki_run(cfg, out_dir=a.out, setup=setup)
     p = m["periods"][0]
-    return {"seconds": time.perf_counter() - t, "peak_rss": peak_rss(), "n_docs": p["n_docs"],
+    return {"seconds": time.perf_counter() - t, "peak_rss": peak_rss(), "start_rss": start, "setup_peak_rss": setup_peak,
+            "n_docs": p["n_docs"],
             "cache": p["data"]["cache"], "train_loss": p["train_loss"], "changed_ppl": p["changed_ppl"],
             "unchanged_ppl": p["unchanged_ppl"]}
 

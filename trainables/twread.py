@@ -55,7 +55,7 @@ def stream(path: Path, columns: Sequence[str], where: str) -> Iterator[tuple[int
     fmt = file_format(path, where)
     ds_mod = _datasets()
     opts = {"csv": {"usecols": list(columns), "na_filter": False, "chunksize": 2 * ROWS_PER_READ},
-            "parquet": {"columns": list(columns)}}.get(fmt, {})
+            "json": {"chunksize": 1 << 20}, "parquet": {"columns": list(columns)}}.get(fmt, {})
     row = 0
     try:
         ds = ds_mod.load_dataset(fmt, data_files=str(path), split="train", streaming=True,
