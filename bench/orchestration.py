@@ -69,7 +69,7 @@ def child(kind: str, d: Path, epochs: int, to_learn: int, result: Path) -> None:
     """In a fresh process: import what the CLI has imported when it calls the loop / the study, then time it."""
     from ray import tune
 
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
     from trainables.checkpoint import write_json_atomic
     from trainables.config import load_config
     from trainables.continual import continual_update
@@ -144,7 +144,8 @@ def table9_grid(epochs: int, d: Path) -> dict:
     import torch
 
     from orchestrator.grid import load_grid
-    from orchestrator.study import meta_data_hash, phi_location, run_ablation
+    from orchestrator.ablation import run_ablation
+    from orchestrator.phi_stage import meta_data_hash, phi_location
 
     torch.set_num_threads(1)
     overrides = ["overrides.model.name=tiny", "overrides.data.split=release", f"overrides.train.epochs={epochs}",

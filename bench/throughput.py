@@ -36,7 +36,7 @@ def measure(name: str, overrides: list[str], steps: int, batch_size: int, max_le
             precision: str, attention: str, compile_model: bool = False) -> dict:
     from trainables.config import load_config
     from trainables.continual import prepare_run
-    from trainables.step import train_step
+    from trainables.step import train_step_stats
 
     cfg = load_config(None, overrides + [f"train.batch_size={batch_size}", f"train.max_length={max_length}",
                                          f"data.to_learn_size={batch_size * (steps + 2)}", "data.ntf_size=1",
@@ -50,12 +50,13 @@ def measure(name: str, overrides: list[str], steps: int, batch_size: int, max_le
     batches = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
     gen = torch.Generator().manual_seed(0)
     for i, b in enumerate(batches[:2]):  # warm-up
-        train_step(setup, opt, b, gen, replay_round=0, step=i)
+        train_step_stats(setup, opt, b, gen, replay_round=0, step=i)
     reset_peak_memory(setup.device)
-    tokens, t = 0, {}
-    with timed(setup.device, t):
-        for i, b in enumerate(batches[2:2 + steps]):
-            tokens += train_step(setup, opt, b, gen, replay_round=0, step=i)[2]
+    t = {}
+    with timed(setup.device, t):  # as the loop runs them: no host sync inside a step (statistics stay on the device)
+        stats = [train_step_stats(setup, opt, b, gen, replay_round=0, step=i)
+                 for i, b in enumerate(batches[2:2 + steps])]
+    tokens = int(sum(s[3] for s in torch.stack(stats).tolist()))
     context = max(len(d.input_ids) for d in docs)
     flops = train_step_flops(setup.model, setup.trainable, tokens, context)
     return {"case": name, "steps": steps, "batch_size": batch_size, "max_length": max_length, "precision": precision,

@@ -1,4 +1,10 @@
-"""The `taalm` command line."""
+"""The `taalm` command line: each command parses its options, calls one library function and prints.
+
+The study commands (`ablate`, `tune`, `resume`) read the study's spec file once through the study kinds'
+table (orchestrator/kinds.py) and run it with the live console; `report`, `ui` and `ray` call
+orchestrator/report_files.py, orchestrator/mlflow_server.py and orchestrator/local_ray.py. The commands that run
+one loop in this process (`run`, `meta-train`, `temporalwiki`, `data`) are in orchestrator/cli_runs.py.
+"""
 
 from __future__ import annotations
 
@@ -10,27 +16,35 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trainables.errors import InputError
 
+from orchestrator import cli_runs
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continual knowledge learning (TAALM and baselines): runs, tailoring, studies.")
-data_app = typer.Typer(no_args_is_help=True, help="LAMA-CKL data: validate, tailor to a model.")
-app.add_typer(data_app, name="data")
+app.registered_commands.extend(cli_runs.app.registered_commands)  # run, meta-train, temporalwiki
+app.add_typer(cli_runs.data_app, name="data")
 ray_app = typer.Typer(no_args_is_help=True,
                       help="A local Ray instance kept running between studies (127.0.0.1 only, token authentication): "
                            "studies started without --address and --num-cpus attach to it instead of starting Ray.")
 app.add_typer(ray_app, name="ray")
 console = Console(stderr=True)
 
-SET_HELP = "Override a config key: dotted.key=value (repeatable)."
-NUM_GPUS_HELP = ("GPUs of a new local Ray instance (default: detected; given: the study starts its own). On a machine without GPUs a number declares "
-                 "logical GPUs: trials are placed on them as on real ones and run on the CPU, saying so.")
+NUM_GPUS_HELP = ("GPUs of a new local Ray instance (default: detected; given: the study starts its own). On a machine "
+                 "without GPUs a number declares logical GPUs: trials are placed on them as on real ones and run on "
+                 "the CPU, saying so.")
 ADDRESS_HELP = ("Attach to a running Ray cluster (auto, HOST:PORT, ray://...); `local`: a new local instance. Default: "
                 "the instance `taalm ray start` keeps running, if any, else a new local one.")
 NUM_CPUS_HELP = "CPUs of a new local Ray instance (given: the study starts its own, even when `taalm ray start` runs)."
+STORAGE_HELP = ("Where Tune's state, checkpoints, φ and the epoch-0 evaluations live (overrides the file's `storage`): "
+                "a directory every node mounts at the same path, or a URI (s3://BUCKET/PREFIX, gs://...). Default: "
+                "the study directory (one machine).")
 VERBOSE_HELP = "Show Ray's, Tune's and MLflow's own output too (always in <study>/logs/study.log)."
+
+
+def _say(text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -95,145 +109,6 @@ def study_stops(study_dir: Path, verbose: bool, progress=None, resumable: bool =
         sys.exit(EXIT_INTERRUPTED if interrupted else EXIT_STOPPED)
 
 
-class RichProgress:
-    """What a loop shows on the terminal (one shape for the three loops, trainables/loop.py): a progress bar over
-    the optimisation steps, one line per report, a first line saying what runs."""
-
-    def __init__(self, first_line, report_line, step_text):
-        from trainables.loop import Callback
-
-        outer = self
-
-        class _CB(Callback):
-            def on_start(self, info):
-                line = first_line(info)
-                if info.get("resumed_from") is not None:
-                    line += f" [resumed after {info['resumed_from']}]"
-                console.print(line, highlight=False, soft_wrap=True)
-
-            def on_step(self, unit, step, n_steps, loss):
-                outer.progress.update(outer.task, total=n_steps, completed=step + 1, description=step_text(unit, loss))
-
-            def on_report(self, r):
-                console.print(report_line(r), highlight=False, soft_wrap=True)
-
-        self.callback = _CB()
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
-        self.task = self.progress.add_task("loading", total=None)
-
-
-@app.command()
-def run(
-    config: Path = typer.Argument(..., help="Run config (YAML)."),
-    out: Path = typer.Option(..., "--out", help="Output directory (metrics.json, checkpoint/)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    resume: bool = typer.Option(True, help="Resume from DIR/checkpoint when it exists."),
-):
-    """Run one continual-update run on LAMA-CKL and write OUT/metrics.json."""
-    from trainables.config import load_config
-
-    cfg = load_config(config, set_)  # validated before anything is created
-    from trainables.continual import continual_update
-
-    def report_line(r):
-        m = r.metrics
-        loss = "" if m["train_loss"] is None else f" loss {m['train_loss']:.4f}"
-        return (f"epoch {r.index:>3}: TO-LEARN acc {m['to_learn_acc']:.4f} (EM {m['to_learn_em']:.3f})  "
-                f"NTF acc {m['ntf_acc']:.4f} (EM {m['ntf_em']:.3f}){loss}  [{r.wall_seconds:.1f}s]")
-
-    ui = RichProgress(lambda i: f"[bold]run[/] TO-LEARN {i['n_to_learn']} facts, NOT-TO-FORGET {i['n_ntf']}, "
-                                f"{i['n_trainable_params']:,} trainable parameters ({i['split']['origin']})",
-                      report_line, lambda epoch, loss: f"epoch {epoch}/{cfg.train.epochs} loss {loss:.3f}")
-    with ui.progress:
-        metrics = continual_update(cfg, out_dir=out, callbacks=[ui.callback], resume=resume)
-    console.print(f"[bold green]done[/] Top Acc {metrics['top_acc']:.4f} (epoch {metrics['top_epoch']}), "
-                  f"NF Acc {_fmt(metrics['nf_acc'])}, Total Knowledge {_fmt(metrics['total_knowledge'])}, "
-                  f"{metrics['wall_seconds']:.1f}s -> {out / 'metrics.json'}")
-
-
-@app.command("meta-train")
-def meta_train_cmd(
-    config: Path = typer.Argument(..., help="Meta-training config (YAML)."),
-    out: Path = typer.Option(..., "--out", help="Output directory (phi/, meta_metrics.json, heatmap.html, "
-                                                "checkpoint/)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    resume: bool = typer.Option(True, help="Continue from OUT/checkpoint (the last check) when it exists; "
-                                           "meta.steps / meta.epochs may be raised to train φ longer."),
-):
-    """Meta-train Train-Attention φ (TAALM) on the tailored Train-Attention pool."""
-    from trainables.config import load_config
-    from trainables.meta import MetaConfig, meta_train
-
-    cfg = load_config(config, set_, schema=MetaConfig)
-
-    def report_line(r):
-        v = r.metrics
-        return (f"step {r.index:>4}: validation acc {v['val_acc']:.4f}  weight on object tokens "
-                f"{v['object_weight_share']:.1%} (uniform {v['uniform_share']:.1%}, oracle 100%)")
-
-    ui = RichProgress(lambda i: f"[bold]meta-train[/] {i['n_train_examples']} training and {i['n_val_examples']} "
-                                f"held-out facts, {i['n_steps']} meta-steps",
-                      report_line, lambda unit, obj: f"meta-step objective {obj:.4f}")
-    with ui.progress:
-        m = meta_train(cfg, out_dir=out, callbacks=[ui.callback], resume=resume)
-    f = m["objective_fixed_set"]
-    h = m.get("held_out_focus")
-    if h:
-        console.print(f"on {h['n_docs']} TO-LEARN documents (outside φ's pool): {h['object_weight_share']:.1%} of "
-                      f"the weight on object tokens (uniform {h['uniform_share']:.1%}, oracle 100%)")
-    console.print(f"[bold green]done[/] best validation acc {m['best_val_acc']:.4f} at step {m['best_step']}; "
-                  f"objective on a fixed set {f['before']:.4f} -> {f['after']:.4f}; {m['wall_seconds']:.1f}s "
-                  f"-> {out / 'phi'}")
-
-
-UI_PORT = 5000  # `taalm ui`'s default port
-
-
-def _ui_base(uri: str, host: str = "127.0.0.1", port: int = UI_PORT) -> str:
-    """Where the MLflow UI of a study's store is: the tracking server itself for an http(s) store, else the
-    server `taalm ui` starts."""
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
-
-
-def _study_links(study_dir: Path, base: str) -> Optional[tuple[str, str, int]]:
-    """(the study's trials view URL, MLflow's compare URL of its trials, number of trials) under ``base``; the
-    view is saved first if the study has none yet (studies run before views existed). None when the study's
-    experiment is not in its store."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.mlflow_views import (DEFAULT_ORDER, compare_url, ensure_trials_view, trial_runs,
-                                           trials_view_url)
-    from orchestrator.specs import StudyRecord
-
-    record = StudyRecord.read(study_dir)
-    client = MlflowClient(record.tracking_uri)
-    exp = client.get_experiment_by_name(record.name)
-    if exp is None:
-        return None
-    ensure_trials_view(client, exp.experiment_id, record)
-    order = DEFAULT_ORDER.get(record.protocol, DEFAULT_ORDER["lama_ckl"])
-    runs = trial_runs(client, exp.experiment_id, order)
-    return (trials_view_url(base, exp.experiment_id), compare_url(base, exp.experiment_id, [x.info.run_id for x in runs]),
-            len(runs))
-
-
-def _view_line(study_dir: Path, uri: str) -> str:
-    """The line naming the study's trials view in the MLflow UI (`taalm ui` serves a local store on port 5000 by
-    default); the view is saved now if the study has none yet, so do this before the report goes onto the study
-    run (its description links the view)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        links = _study_links(study_dir, _ui_base(uri))
-    except (MlflowException, OSError, ValueError) as e:
-        return f"no saved view of the trials in MLflow ({e})"
-    if links is None:
-        return ""
-    how = "" if uri.startswith(("http://", "https://")) else f" (with `taalm ui {study_dir}`)"
-    return f"trials in the MLflow UI{how}: {links[0]}"
-
-
 def _sqlite_store(study_dir: Path) -> Optional[str]:
     """The study's sqlite MLflow store file, if that is its store (to name it when a write to it is refused)."""
     from orchestrator.specs import StudyRecord
@@ -245,17 +120,47 @@ def _sqlite_store(study_dir: Path) -> Optional[str]:
     return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
 
 
-def _report_study(r: dict) -> None:
-    """Build the study's report from MLflow, print the table and where everything is."""
-    from orchestrator.report import write_report
+def _view_line(study_dir: Path, uri: str) -> str:
+    """The line naming the study's trials view in the MLflow UI (`taalm ui` serves a local store on port 5000 by
+    default); the view is saved now if the study has none yet, so do this before the report goes onto the study
+    run (its description links the view)."""
+    from mlflow.exceptions import MlflowException
 
+    from orchestrator.kinds import study_links
+    from orchestrator.mlflow_server import ui_base
+
+    try:
+        links = study_links(study_dir, ui_base(uri))
+    except (MlflowException, OSError, ValueError) as e:
+        return f"no saved view of the trials in MLflow ({e})"
+    if links is None:
+        return ""
+    how = "" if uri.startswith(("http://", "https://")) else f" (with `taalm ui {study_dir}`)"
+    return f"trials in the MLflow UI{how}: {links[0]}"
+
+
+def _run_study(loaded, study_dir: Path, **options) -> None:
+    """Run a study (read once: ``loaded``) with the live console, then print its table and where it is."""
+    from orchestrator.report_files import write_report
+    from orchestrator.options import StudyOptions
+
+    with study_console(loaded.name) as progress, study_stops(study_dir, options.get("verbose", False), progress):
+        r = loaded.run(StudyOptions(progress=progress, **options))
     view = _view_line(Path(r["study_dir"]), r["tracking_uri"])
     rep = write_report(r["tracking_uri"], r["experiment"], Path(r["study_dir"]) / "report", r.get("baseline"))
     print(rep["markdown"])
-    console.print(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
-                  f"`taalm ui {r['study_dir']}` to browse", highlight=False, soft_wrap=True)
+    _say(f"study {r['study_dir']} ({r['trials']} trials, {r['failed']} failed); MLflow {r['tracking_uri']}; "
+         f"`taalm ui {r['study_dir']}` to browse")
     if view:
-        console.print(view, highlight=False, soft_wrap=True)
+        _say(view)
+
+
+def _start(kind: str, path: Path, set_, out: Path, **options) -> None:
+    from orchestrator.kinds import load
+
+    loaded = load(kind, path, set_)  # validated before Ray or MLflow start
+    console.print(f"[bold]{loaded.name}[/]: {loaded.kind.headline(loaded.spec)}", highlight=False)
+    _run_study(loaded, out / loaded.name, out_root=out, **options)
 
 
 @app.command()
@@ -270,21 +175,13 @@ def ablate(
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
     retrain_phi: bool = typer.Option(False, "--retrain-phi",
                                      help="Meta-train φ anew (ignore the φ cache and the φ shipped in ablations/phi/)."),
+    storage: Optional[str] = typer.Option(None, "--storage", envvar="TAALM_STORAGE", help=STORAGE_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Run an ablation grid: every trial under Ray Tune (Ray Train for multi-worker trials), tracked in MLflow;
     then the table."""
-    from orchestrator.grid import load_grid
-
-    spec, trials, meta = load_grid(grid, set_)  # validated before Ray or MLflow start
-    console.print(f"[bold]{spec.name}[/]: {len(trials)} trials ({len({t.label for t in trials})} methods x "
-                  f"{len(spec.seeds)} seeds){' + meta-training stage' if meta else ''}", highlight=False)
-    from orchestrator.study import run_ablation
-
-    with study_console(spec.name) as progress, study_stops(out / spec.name, verbose, progress):
-        r = run_ablation(grid, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
-                         num_gpus=num_gpus, retrain_phi=retrain_phi, verbose=verbose)
-    _report_study(r)
+    _start("grid", grid, set_, out, address=address, tracking_uri=tracking_uri, num_cpus=num_cpus, num_gpus=num_gpus,
+           retrain_phi=retrain_phi, storage=storage, verbose=verbose)
 
 
 @app.command()
@@ -296,20 +193,12 @@ def tune(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", envvar="TAALM_STORAGE", help=STORAGE_HELP),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Search hyper-parameters with Optuna under Ray Tune (TPE; NSGA-II for two objectives; optional ASHA)."""
-    from orchestrator.search import load_search
-
-    spec, _ = load_search(space, set_)  # validated before Ray or MLflow start
-    console.print(f"[bold]{spec.name}[/]: {spec.num_samples} trials, objectives "
-                  f"{', '.join(o.metric + ' ' + o.mode for o in spec.objectives)}", highlight=False)
-    from orchestrator.search import run_search
-
-    with study_console(spec.name) as progress, study_stops(out / spec.name, verbose, progress):
-        r = run_search(space, set_, out, address, tracking_uri, progress=progress, num_cpus=num_cpus,
-                       num_gpus=num_gpus, verbose=verbose)
-    _report_study(r)
+    _start("search", space, set_, out, address=address, tracking_uri=tracking_uri, num_cpus=num_cpus,
+           num_gpus=num_gpus, storage=storage, verbose=verbose)
 
 
 @app.command()
@@ -318,27 +207,18 @@ def resume(
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=NUM_CPUS_HELP),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help=NUM_GPUS_HELP),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the study's storage is now (default: where "
+                                                                  "it was, as study.json records it)."),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Resume an interrupted study (a grid or a search): finished trials are kept, the others continue from their
     checkpoints."""
-    from orchestrator.specs import StudyRecord
+    from orchestrator.kinds import for_resume
 
-    s = StudyRecord.read(study)
-    if not s.source or not s.out_root:
-        raise InputError(str(study / "study.json"), "this study's record names no grid or search file to resume")
-    with study_console(s.name) as progress, study_stops(study, verbose, progress):
-        if s.kind == "grid":
-            from orchestrator.study import run_ablation
-
-            r = run_ablation(s.source, s.overrides, s.out_root, address, s.tracking_uri, progress=progress,
-                             num_cpus=num_cpus, num_gpus=num_gpus, resume=True, verbose=verbose)
-        else:
-            from orchestrator.search import run_search
-
-            r = run_search(s.source, s.overrides, s.out_root, address, s.tracking_uri, progress=progress,
-                           num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose, resume=True)
-    _report_study(r)
+    record, loaded = for_resume(study)
+    _run_study(loaded, study, out_root=Path(record.out_root), address=address, tracking_uri=record.tracking_uri,
+               num_cpus=num_cpus, num_gpus=num_gpus, verbose=verbose, resume=True,
+               storage=storage or record.storage)
 
 
 @app.command()
@@ -357,7 +237,7 @@ def report(
                                               "paired differences recomputed from the per-epoch results)."),
 ):
     """Build the table (Markdown, CSV, Parquet), paired differences, curves and Pareto plot from MLflow."""
-    from orchestrator.report import write_report
+    from orchestrator.report_files import write_report
     from orchestrator.specs import StudyRecord
 
     if old_reference is not None:
@@ -381,220 +261,19 @@ def report(
 @app.command()
 def ui(
     study: Path = typer.Argument(..., help="A study directory."),
-    port: int = typer.Option(UI_PORT, help="Port on 127.0.0.1."),
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
     host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
 ):
     """Start the MLflow UI on the study's tracking store (127.0.0.1 unless told otherwise) and print where the study
     opens: its trials (a saved view: summary metrics, the grid's axes and the seed as the first columns, best Top
     Acc first) and MLflow's comparison of them, both in the Model-training mode. The server's own output (uvicorn's
     request log) goes to <study>/logs/study.log."""
-    from mlflow.exceptions import MlflowException
+    from orchestrator.kinds import study_links
+    from orchestrator.mlflow_server import serve_ui
 
-    from orchestrator.report import study_tracking
-
-    uri, name = study_tracking(study)
-    remote = uri.startswith(("http://", "https://"))
-    if not remote:
-        _check_listen(host, port)  # before anything is written (the view of an older study, the server log)
-    base = _ui_base(uri, host, port)
-    try:
-        links, why = _study_links(study, base), f"no experiment named {name} in {uri} yet"
-    except (MlflowException, OSError, ValueError) as e:  # e.g. a read-only store: the UI still serves it
-        links, why = None, f"no links to the study's trials: {e}"
-    if remote:  # the study's store is an MLflow server: its UI is there, nothing to start
-        console.print(f"Study {name} is tracked on the MLflow server {uri}: its UI is there", highlight=False,
-                      soft_wrap=True)
-    else:
-        console.print(f"MLflow UI on {base} for {uri} (server log: {study / 'logs' / 'study.log'})",
-                      highlight=False, soft_wrap=True)
-    if links is None:
-        console.print(f"({why})", highlight=False, soft_wrap=True)
-    else:
-        view, compare, n = links
-        console.print(f"Study {name}: {view}", highlight=False, soft_wrap=True)
-        if n:
-            console.print(f"Compare {name} ({n} trials): {compare}", highlight=False, soft_wrap=True)
-    if remote:
-        return
-    # no job runner: its seven huey consumers serve GenAI features (scorers, issue detection) a study has no use
-    # for, and on two cores they slow the server's start and stop (set the variable to true to have them)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
-                                                                               "false")}
-    code = serve_until_signalled([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-                                  "--port", str(port), "--workers", "1"], env=env, log=study / "logs" / "study.log")
     # sys.exit, not typer.Exit: main() runs typer with standalone_mode=False, where click returns typer.Exit's code
     # instead of exiting with it (a failed server used to end `taalm ui` with 0)
-    sys.exit(code)
-
-
-def _check_listen(host: str, port: int) -> None:
-    """The server could listen on host:port now (bound as uvicorn binds, with SO_REUSEADDR), else bad input naming
-    the option (mlflow server itself only logs the error and exits with 0)."""
-    import errno
-    import socket
-
-    try:
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise InputError("--host", f"{host!r} is not an address to listen on ({e})") from None
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise InputError("--port", f"{host}:{port} is in use (another server listens there): choose "
-                                           f"another --port") from None
-            raise InputError("--host", f"cannot listen on {host}:{port}: {e.strerror}") from None
-
-
-def serve_until_signalled(cmd: list[str], grace_s: float = 20.0, env: Optional[dict] = None,
-                          log: Optional[Path] = None) -> int:
-    """Run a server in its own process group; SIGTERM / SIGINT to us are forwarded to the whole group
-    (mlflow server starts a uvicorn worker of its own) and we wait for it, so a process manager's `kill`
-    leaves no child behind and the port free. ``log``: the server's stdout and stderr are appended there instead
-    of the console. A server that stops by itself (not signalled) is an error: the end of what it wrote is shown
-    and the exit code is never 0."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    out, offset = None, 0
-    if log is not None:
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            out = open(log, "ab")
-            out.write(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} taalm ui: {' '.join(cmd)}\n".encode())
-            out.flush()
-            offset = out.tell()
-        except OSError as e:  # a read-only study directory: the server's output stays on the console
-            console.print(f"(server output on the console: cannot write {log}: {e})", highlight=False)
-            out = None
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-    stopping = []  # monotonic time of the first SIGTERM / SIGINT
-
-    def forward(signum, _frame):
-        stopping.append(time.monotonic())
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while True:
-            try:  # short waits: a signal during a wait restarts it, the grace period is checked here
-                code = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if stopping and time.monotonic() - stopping[0] > grace_s:  # part of the server ignored SIGTERM
-                    os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        try:  # anything of the group still alive (the server's own workers)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if out is not None:
-            out.close()
-    if stopping:
-        return 0
-    # the server stopped by itself (mlflow server exits 0 even when its port is taken): say why
-    if out is not None:
-        from rich.markup import escape
-
-        tail = log.read_bytes()[offset:].decode(errors="replace").strip().splitlines()[-12:]
-        console.print(f"[bold red]error[/]: the server stopped by itself (exit code {code}); the end of its output "
-                      f"({log}):", highlight=False, soft_wrap=True)
-        for line in tail:
-            console.print(escape(line), highlight=False, soft_wrap=True)
-    return code or 1
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None or x != x else f"{x:.4f}"
-
-
-@app.command()
-def temporalwiki(
-    config: Path = typer.Argument(..., help="TemporalWiki config (YAML): a run config plus `temporalwiki.periods`."),
-    out: Path = typer.Option(..., "--out", help="Output directory (metrics.json, checkpoint/)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    resume: bool = typer.Option(True, help="Continue after the last checkpointed period when OUT/checkpoint exists."),
-):
-    """Run the TemporalWiki protocol: periods in order, θ carried over, CHANGED/UNCHANGED perplexity."""
-    from trainables.config import load_config
-    from trainables.temporalwiki import TemporalWikiConfig, resolve_paths, temporalwiki_run
-
-    cfg = resolve_paths(load_config(config, set_, schema=TemporalWikiConfig), config.resolve().parent)
-
-    def report_line(r):
-        m = r.metrics
-        return (f"period {r.label}: CHANGED ppl {m['changed_ppl']:.2f}  UNCHANGED ppl {m['unchanged_ppl']:.2f}  "
-                f"({m['n_docs']} documents, loss {m['train_loss']:.3f})")
-
-    ui = RichProgress(lambda i: f"[bold]temporalwiki[/] periods {', '.join(i['periods'])}", report_line,
-                      lambda period, loss: f"period {cfg.temporalwiki.periods[period].name} loss {loss:.3f}")
-    with ui.progress:
-        m = temporalwiki_run(cfg, out_dir=out, callbacks=[ui.callback], resume=resume)
-    console.print(f"[bold green]done[/] average CHANGED ppl {m['avg_changed_ppl']:.2f}, UNCHANGED ppl "
-                  f"{m['avg_unchanged_ppl']:.2f}, {m['wall_seconds']:.1f}s -> {out / 'metrics.json'}",
-                  highlight=False, soft_wrap=True)
-
-
-@data_app.command("validate")
-def data_validate(directory: Optional[Path] = typer.Argument(None, help="LAMA-CKL directory (default: shipped)")):
-    """Validate every LAMA-CKL record (file:line and field on the first error)."""
-    from trainables.data import load_lama
-
-    lama = load_lama(directory)
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in lama.facts.items())
-    console.print(f"ok: {lama.dir} ({sizes}), data hash {lama.hash}")
-
-
-@data_app.command("tailor")
-def data_tailor(
-    model: str = typer.Option(..., "--model", help="tiny | smollm2-135m | hf:<id> | a local path"),
-    out: Path = typer.Option(..., "--out", help="Directory for split.json and scores.json"),
-    task: str = typer.Option("descriptive", help="descriptive | schematic"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="LAMA-CKL directory (default: shipped)"),
-    to_learn_size: Optional[int] = typer.Option(None, help="Subsample TO-LEARN to this many facts"),
-    ntf_size: Optional[int] = typer.Option(None, help="Subsample NOT-TO-FORGET to this many facts"),
-    ta_pool_size: Optional[int] = typer.Option(None, help="Subsample the Train-Attention pool"),
-    max_doc_tokens: Optional[int] = typer.Option(None, help="Drop trained-on facts with longer evidence"),
-    seed: int = typer.Option(0, help="Subsampling seed"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-):
-    """Score every fact with MODEL and write the TO-LEARN / NOT-TO-FORGET / Train-Attention split."""
-    from trainables.config import load_config
-
-    overrides = [f"model.name={model}", f"data.task={task}", f"data.seed={seed}", "data.split=tailored"]
-    for key, val in (("data.dir", data_dir), ("data.to_learn_size", to_learn_size), ("data.ntf_size", ntf_size),
-                     ("data.max_doc_tokens", max_doc_tokens)):
-        if val is not None:
-            overrides.append(f"{key}={val}")
-    cfg = load_config(None, overrides + list(set_ or []))
-    if ta_pool_size is not None and ta_pool_size < 1:
-        raise InputError("--ta-pool-size", "must be >= 1")
-    from trainables.data import load_lama
-    from trainables.tailor import build_split, write_split
-    from trainables.theta import build_theta, resolve_device
-
-    lama = load_lama(cfg.data.dir)
-    device = resolve_device(cfg.device)
-    theta = build_theta(cfg.model, None, device, cfg.seed)  # the base model only: nothing trains
-    with Progress(TextColumn("scoring facts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as prog:
-        t = prog.add_task("score", total=None)
-        split = build_split(cfg.data, cfg.model, lama, theta.tokenizer, lambda: theta.model,
-                            cfg.eval.batch_size, device, ta_pool_size,
-                            progress=lambda done, total: prog.update(t, completed=done, total=total))
-    write_split(split, out, lama, cfg.data.task)
-    s = split.summary()
-    console.print(f"TO-LEARN {s['to_learn']}, NOT-TO-FORGET {s['ntf']}, Train-Attention pool {s['ta_pool']} "
-                  f"-> {out / 'split.json'}")
+    sys.exit(serve_ui(study, host, port, study_links, _say))
 
 
 @ray_app.command("start")

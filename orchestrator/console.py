@@ -6,20 +6,14 @@ of the study's total, not out of what Tune has created so far). On a terminal it
 elapsed and estimated remaining time; elsewhere (CI, a pipe) it prints one plain line per epoch and per
 finished or failed trial. Failed trials stay visible with their reason.
 
-:func:`configure_output` turns Ray's, Tune's and MLflow's own console chatter off (their start-up lines,
-Tune's boxed experiment table and its "View detailed results" / TensorBoard hints, the token-authentication
-warning, artifact download bars) and sends their log records to ``<study>/logs/study.log`` instead;
-``--verbose`` leaves them on the console.
+It implements the study's progress protocol (orchestrator/progress.py); what Ray, Tune and MLflow print
+themselves is set up apart from it (orchestrator/logs.py), below the study.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from ray import tune
@@ -30,7 +24,9 @@ from rich.text import Text
 
 from trainables.loop import UNIT
 
-NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna")
+from .faults import failure_reason, retry_line, stopping
+from .progress import Progress
+
 
 # one line per report, by the loop's report kind (trainables/loop.py)
 REPORT_LINE = {
@@ -40,59 +36,6 @@ REPORT_LINE = {
     "period": lambda r: (f"{r.get('label', '')} CHANGED ppl {r.get('changed_ppl', float('nan')):.2f}  "
                          f"UNCHANGED ppl {r.get('unchanged_ppl', float('nan')):.2f}").strip(),
 }
-
-
-def configure_output(study_dir: Optional[Path], verbose: bool = False,
-                     loggers: tuple[str, ...] = NOISY_LOGGERS) -> Optional[Path]:
-    """Before Ray starts. Ray's, Tune's, MLflow's and Optuna's log records (INFO and up) go to
-    ``<study>/logs/study.log``; on the console only their errors, unless ``verbose``. Also silences Tune's own
-    progress output (its boxed experiment table, "View detailed results", the TensorBoard hint) and MLflow's
-    download bars. ``loggers``: which of them to configure now. Returns the log file."""
-    if not verbose:
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter: silent at verbose=0
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if "mlflow" in loggers:
-        import mlflow  # noqa: F401  (configures its loggers on import: do it before adjusting them)
-
-    path = None
-    if study_dir is not None:
-        path = Path(study_dir) / "logs" / "study.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-    for name in loggers:
-        lg = logging.getLogger(name)
-        if lg.level == logging.NOTSET or lg.level > logging.INFO:
-            lg.setLevel(logging.INFO)
-        if path is not None and not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()
-                                        for h in lg.handlers):
-            fh = logging.FileHandler(path)
-            fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            lg.addHandler(fh)
-        streams = [h for h in lg.handlers
-                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-        if not streams:
-            streams = [logging.StreamHandler(sys.stderr)]
-            lg.addHandler(streams[0])
-        for h in streams:
-            h.setLevel(logging.NOTSET if verbose else logging.ERROR)
-            if not verbose and not any(isinstance(f, _StudyReportsThese) for f in h.filters):
-                h.addFilter(_StudyReportsThese())
-        lg.propagate = False  # their records reach the console through these handlers only
-    return path
-
-
-class _StudyReportsThese(logging.Filter):
-    """Off the console (kept in the study log): Tune's and Ray Train's records about trials (a failed trial's
-    traceback, "Trials did not complete"), the raylet's error lines (a killed worker, the memory monitor's
-    report; orchestrator/faults.py) and any record carrying a traceback (MLflow's store errors). The study's console says what they say, one line per trial with its reason,
-    and the CLI a stopped study with the `taalm resume` command."""
-
-    PREFIXES = ("ray.tune", "ray.train", "ray.air", "ray.taalm")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith(self.PREFIXES):
-            return False
-        # a library's traceback (MLflow's store error, ...): the CLI says what stopped the study, in one line
-        return not (record.exc_info or "Traceback (most recent call last)" in record.getMessage())
 
 
 def _fmt_time(s: Optional[float]) -> str:
@@ -154,7 +97,7 @@ def _restored_console(name: str):
     return _ACTIVE.get("console") or tune.Callback()
 
 
-class StudyConsole(tune.Callback):
+class StudyConsole(tune.Callback, Progress):
     """A Tune callback drawing the study's progress (see the module docstring)."""
 
     def __init__(self, name: str = "study", interactive: Optional[bool] = None, console: Optional[Console] = None):
@@ -180,10 +123,11 @@ class StudyConsole(tune.Callback):
         return (_restored_console, (self.name,))
 
     def expect(self, stage: str, trials: list[tuple[str, str, Optional[int]]], concurrency: int,
-               done_before: Optional[set] = None) -> None:
+               done_before: Optional[set] = None, total: Optional[int] = None) -> None:
         """The next Tune run's trials: (trial key, display name, epochs or None); ``done_before``: the keys of
-        those a resumed study had finished already (counted, not timed)."""
-        self.stage, self.concurrency, self.total = stage, max(1, concurrency), len(trials) or None
+        those a resumed study had finished already (counted, not timed); ``total``: how many trials a stage whose
+        trials are not known in advance (a search) will have."""
+        self.stage, self.concurrency, self.total = stage, max(1, concurrency), len(trials) or total
         done_before = done_before or set()
         for key, name, epochs in trials:
             v = self.views.setdefault(key, TrialView(name, epochs))
@@ -262,8 +206,6 @@ class StudyConsole(tune.Callback):
         self._refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from .tracking import failure_reason
-
         v = self._view(trial)
         v.state, v.ended, v.reason = "FAILED", time.monotonic(), failure_reason(trial)
         msg = f"trial FAILED: {v.name}: {v.reason} ({self._progress_text()})"
@@ -274,14 +216,10 @@ class StudyConsole(tune.Callback):
         self._refresh()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        from .tracking import failure_reason
-
-        from .tuning import stopping
-
         v = self._view(trial)
         # a refused write stops the study instead (orchestrator/tuning.py): the trial continues at `taalm resume`
         what = "stopped" if stopping() else "retrying"
-        v.state, v.reason = what, failure_reason(trial)
+        v.state, v.reason = what, retry_line(trial, failure_reason(trial))
         line = f"trial {'stopped' if what == 'stopped' else 'retried'}: {v.name}: {v.reason}"
         if not self.interactive:
             self.console.print(line, highlight=False, soft_wrap=True)

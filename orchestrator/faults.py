@@ -31,6 +31,7 @@ when the study cannot go on.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -122,12 +123,78 @@ def last_failure(text: str) -> str:
     return parts[-1].strip() if parts else ""
 
 
+def error_line(text: str) -> str:
+    """The last 'SomeError: message' line of an error's text (a traceback; or the tail of the text)."""
+    text = text or "trial raised an error"
+    found = re.findall(r"^\s*([A-Za-z_.]*(?:Error|Exception|Interrupt)\b[^\n]*)$", text, flags=re.M)
+    return (found[-1].strip() if found else text.strip().splitlines()[-1])[:500]
+
+
+def failure_reason(trial) -> str:
+    """One line saying why a Tune trial failed (its last failure), from the error file Tune writes next to the
+    trial before it calls the callbacks: the node it ran on lost (:func:`lost_node`), else :func:`describe_failure`."""
+    text = ""
+    try:
+        if trial.error_file and Path(trial.error_file).is_file():
+            text = Path(trial.error_file).read_text()
+    except OSError:
+        pass
+    key = (getattr(trial, "trial_id", None), len(text))  # the console and the MLflow callback ask in turn
+    if _REASONS.get("key") != key:
+        node = lost_node(trial, last_failure(text))
+        _REASONS.update(key=key, reason=node if node is not None else describe_failure(text))
+    return _REASONS["reason"]
+
+
+_REASONS: dict = {}  # the last trial failure read (failure_reason)
+
+
+# what Ray says when the node an actor ran on went away (its raylet gone: the node died or was cut off)
+_NODE_GONE = ("NodeDiedError", "node has died", "rpc_code: 14", "Socket closed", "ActorUnavailableError")
+
+
+def lost_node(trial, text: str, wait_s: float = 15.0) -> Optional[str]:
+    """'node 10.0.0.3 lost (its processes died)' when the trial's failure is the loss of the node it ran on (the
+    node its last report came from is dead in Ray's records, or Ray's error says the node or its connection went
+    away and Ray marks the node dead within ``wait_s``); None otherwise."""
+    import time
+
+    node_id = (getattr(trial, "last_result", None) or {}).get("node_id")
+    if not node_id:
+        return None
+    signs = any(s in text for s in _NODE_GONE)
+    deadline = time.monotonic() + (wait_s if signs else 0.0)
+    while True:
+        try:
+            import ray
+
+            node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+        except Exception:  # noqa: BLE001 (no Ray connection: nothing to say)
+            return None
+        if node is None:
+            return None
+        ip = node.get("NodeManagerAddress") or node_id[:12]
+        if not node.get("Alive"):
+            return f"node {ip} lost (its processes died)"
+        if time.monotonic() >= deadline:
+            return f"node {ip} unreachable (Ray's connection to it closed)" if signs else None
+        time.sleep(0.5)
+
+
+def retry_line(trial, reason: str) -> str:
+    """The reason a retried trial gives, with where it continues when its node was lost."""
+    if not reason.startswith("node ") or " lost " not in reason:
+        return reason
+    last = getattr(trial, "last_result", None) or {}
+    index, unit = last.get("index"), {"check": "step", "period": "period"}.get(last.get("kind"), "epoch")
+    return reason + (f"; resumed from {unit} {int(index)} on another node" if isinstance(index, (int, float))
+                     else "; started again on another node")
+
+
 def describe_failure(text: str) -> str:
     """One line saying why a trial failed, from its error text: what killed its process when something did
     (Ray's memory monitor, a lost node, a signal or the kernel), else the error's last ``SomeError: message``
-    line (:func:`orchestrator.tracking.error_line`)."""
-    from .tracking import error_line
-
+    line (:func:`error_line`)."""
     text = last_failure(text)
     m = _MONITOR.search(text)
     if m and ("memory monitor" in text or "low on memory" in text or "OutOfMemoryError" in text):
@@ -150,6 +217,53 @@ def describe_failure(text: str) -> str:
                 f"(SIGSEGV); see the study log")
     # "trainables.checkpoint.StorageError: ..." -> "StorageError: ..." (the class says it; the module does not)
     return re.sub(r"^(?:[a-z_]\w*\.)+(?=[A-Z]\w*(?:Error|Exception)\b)", "", error_line(text))
+
+
+# ---- injected faults (a testing hook) ---------------------------------------------------------------------------
+
+FAULT_ENV = "TAALM_INJECT_FAULT"
+
+
+def injected_faults(labels: Optional[list[str]]) -> dict[Optional[str], int]:
+    """Fault injection for checking retries before a long study (a testing hook, off by default).
+
+    ``TAALM_INJECT_FAULT=INDEX`` (every trial) or ``INDEX:LABEL[,INDEX:LABEL...]`` makes a trial's first
+    attempt crash at its first step after the report of INDEX (an epoch; a meta-training trial's meta-step; a
+    TemporalWiki period) was checkpointed; a retry (``resources.max_failures``) restores that checkpoint and goes
+    on without the fault. Read once in the driver, at study start. ``labels`` None: a search, whose trials are
+    not known in advance: only ``INDEX`` (every trial), returned under the key None."""
+    from trainables.errors import InputError
+
+    raw = os.environ.get(FAULT_ENV, "").strip()
+    out: dict[Optional[str], int] = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        index, _, label = item.partition(":")
+        if labels is None:
+            if not index.isdigit() or label:
+                raise InputError(f"{FAULT_ENV}={raw}", "expected INDEX (a search's trials have no labels in advance)")
+            out[None] = int(index)
+            continue
+        if not index.isdigit() or (label and label not in labels):
+            raise InputError(f"{FAULT_ENV}={raw}", f"expected INDEX or INDEX:LABEL with a label of this study "
+                                                    f"({', '.join(sorted(set(labels)))})")
+        for name in ([label] if label else labels):
+            out[name] = int(index)
+    return out
+
+
+# ---- a stage asked to stop (a refused write): what the console says of the trials it stops ------------------
+
+_STOP: dict = {}
+
+
+def request_stop(reason: Optional[str]) -> None:
+    """The running stage is stopping for ``reason`` (orchestrator/tuning.py's guard; None: a new stage)."""
+    _STOP["reason"] = reason
+
+
+def stopping() -> Optional[str]:
+    """Why the running stage is stopping (a refused write), or None."""
+    return _STOP.get("reason")
 
 
 # ---- writes the disk refuses ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from trainables.config import (ConfigKeyError, RunConfig, apply_overrides, config_to_dict, flatten, load_yaml,
                                scheme_names, validate)
+from trainables.configio import _where
 from trainables.errors import InputError
 
 from .specs import Resources
@@ -54,6 +55,9 @@ class GridSpec(BaseModel):
     labels: dict[str, dict[str, str]] = {}
     meta: Optional[MetaStage] = None
     resources: Resources = Resources()
+    # where Tune's state, checkpoints, φ and the epoch-0 evaluations live: a path every node mounts, or a URI
+    # (s3://bucket/prefix, gs://...); default: the study directory (one machine). --storage overrides it
+    storage: Optional[str] = None
     # the row the report's paired differences are taken against (a method label; default "Finetune"
     # when there is one, else the first method)
     baseline: Optional[str] = None
@@ -162,9 +166,32 @@ def load_base(path: Path, lines: dict, base: Optional[str], overrides: dict, sch
     return data, base_dir
 
 
+@dataclass
+class LoadedGrid:
+    """A grid file read once: its spec, its trials (validated), the meta config, and where each key was set."""
+
+    path: Path
+    overrides: list[str]
+    spec: GridSpec
+    trials: list[Trial]
+    meta_cfg: Optional[dict]
+    lines: dict
+    touched: set
+
+    def where(self, loc: tuple) -> str:
+        """``file:line (key)`` or ``--set key`` for a key path, for messages."""
+        return _where(str(self.path), loc, self.lines, self.touched)
+
+
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[GridSpec, list[Trial], Optional[dict]]:
     """Read, validate and expand a grid; every trial's config is validated here, before any trial starts.
     Returns (spec, trials, meta config dict or None)."""
+    g = read_grid(path, overrides)
+    return g.spec, g.trials, g.meta_cfg
+
+
+def read_grid(path: str | Path, overrides: list[str] | None = None) -> LoadedGrid:
+    """:func:`load_grid`, with where each key was set."""
     path = Path(path)
     data, lines = load_yaml(path)
     touched = apply_overrides(data, overrides)
@@ -219,4 +246,14 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[Gri
         meta_cfg = config_to_dict(validate(MetaConfig, mdata, str(meta_path), mlines))
         if meta_cfg.get("records") and not Path(meta_cfg["records"]).is_absolute():
             meta_cfg["records"] = str((meta_path.parent / meta_cfg["records"]).resolve())
-    return spec, trials, meta_cfg
+    return LoadedGrid(path, list(overrides or []), spec, trials, meta_cfg, lines, touched)
+
+
+def headline(g: LoadedGrid) -> str:
+    return (f"{len(g.trials)} trials ({len({t.label for t in g.trials})} methods x {len(g.spec.seeds)} seeds)"
+            f"{' + meta-training stage' if g.meta_cfg else ''}")
+
+
+def view_columns(g: LoadedGrid) -> tuple[list[str], Optional[tuple[str, bool]]]:
+    """The MLflow view's parameter columns: what the grid varies, then the seed; sorted by the protocol's metric."""
+    return list(dict.fromkeys(k for t in g.trials for k in t.overrides)) + ["seed"], None

@@ -1,4 +1,4 @@
-"""A local Ray instance that outlives one study: ``taalm ray start`` / ``taalm ray status`` / ``taalm ray stop``.
+"""Connecting a study to Ray (:func:`init_ray`), and a local Ray instance that outlives one study: ``taalm ray start`` / ``taalm ray status`` / ``taalm ray stop``.
 
 Starting Ray is the largest part of a study's start-up (its GCS, raylet and agents: ~3 s on 2 cores). ``taalm ray
 start`` starts a Ray head on this machine once, with the same guarantees as the instance a study starts for
@@ -230,3 +230,98 @@ def stop_head(timeout_s: float = 5) -> Optional[dict]:
         rec["killed"] = _stop_process_tree(proc.pid, timeout_s)
     record_path().unlink(missing_ok=True)
     return rec if proc is not None else None
+
+
+# ---- connecting a study to Ray ----------------------------------------------------------------------------
+
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def _keep_loopback() -> None:
+    """Let Ray use 127.0.0.1 as a node address. Ray rewrites 127.0.0.1 to the machine's outward address
+    unless its single-machine switch is set; that switch is read once, at import, so it is set both in the
+    environment (for the raylet, workers and job drivers started from here) and in this process."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int] = None,
+             num_gpus: Optional[float] = None) -> str:
+    """Connect this process to Ray; returns how, in words.
+
+    * ``address`` a cluster (``auto``, ``host:port``, ``ray://...``): attach to it;
+    * no ``address`` and no ``num_cpus``: attach to the local instance ``taalm ray start`` recorded, when it runs
+      and was started from this environment (orchestrator/local_ray.py), else as ``"local"``;
+    * ``"local"``, or ``num_cpus`` / ``num_gpus`` given: start a new local instance bound to 127.0.0.1 only (GCS,
+      raylets, workers; no dashboard), even when another Ray runs on this machine; GPUs given on a machine without
+      them are logical (trials are placed on them and run on the CPU, saying so)."""
+    import ray
+
+    if ray.is_initialized():
+        return "Ray already initialised in this process"
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # save Tune's experiment state every second, so a killed driver loses at most ~1 s of trial states
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # MLflow is the study's record: no Tune CSV/JSON/TensorBoard loggers (they choke on the per-fact lists
+    # of each report, and nothing here reads them)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if address and address != "local":
+        target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+        if target.rsplit(":", 1)[0] in LOOPBACK:  # a cluster started with --node-ip-address 127.0.0.1
+            _keep_loopback()
+        ray.init(address=address, log_to_driver=False)
+        return f"Ray cluster {address}"
+    head = _attachable_head(address, num_cpus, num_gpus)
+    if head is not None and _token_auth_on():
+        _keep_loopback()
+        ray.init(address=head["address"], log_to_driver=False)
+        return f"attached to the local Ray instance at {head['address']} ({head['num_cpus']} CPUs, taalm ray start)"
+    _keep_loopback()
+    # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() would join it)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    return f"a new local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def _attachable_head(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> Optional[dict]:
+    """The `taalm ray start` head a study attaches to: only without --address / --num-cpus / --num-gpus, and only
+    where this process keeps token authentication on (the head has it on)."""
+    if address is not None or num_cpus is not None or num_gpus is not None or not _auth_mode_token():
+        return None
+    return running_head()[0]
+
+
+def _auth_mode_token() -> bool:
+    return os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+
+
+def _token_auth_on() -> bool:
+    """Token authentication on in this process, as for a new local instance (ray.init turns it on for those by
+    itself, not for an explicit address): the environment variable, and Ray's configuration, read once at import,
+    refreshed the way Ray's own ray.init does it (a private call: tests/test_install.py checks it still exists)."""
+    from ray import _raylet
+
+    if not _auth_mode_token() or not hasattr(_raylet, "Config"):
+        return False  # the user turned authentication off: the head (token on) is not for this process
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _raylet.Config.initialize("")
+    return True
+
+
+def local_cpus(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float] = None) -> Optional[int]:
+    """The CPUs of the Ray instance init_ray(address, num_cpus) will use when it is one on this machine (the
+    recorded `taalm ray start` head, or a new local instance); None for a cluster. Read before anything starts."""
+    import ray
+
+    if num_cpus is not None and num_cpus < 1:
+        raise InputError("--num-cpus", f"must be >= 1 (got {num_cpus}): a Ray instance without a CPU runs no trial")
+    if ray.is_initialized():  # init_ray will keep this process's instance
+        return int(ray.cluster_resources().get("CPU", 0)) or None
+    if address and address != "local":
+        return None
+    head = _attachable_head(address, num_cpus, num_gpus)
+    if head is not None:
+        return int(head["num_cpus"])
+    return num_cpus or os.cpu_count() or 1

@@ -30,12 +30,11 @@ to measurements on `tiny` only.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-GB = 2 ** 30
+from .gpu_plan import GB, gpu_bytes
 RUNTIME_GB = 0.45  # measured: a Ray worker that imported what a trial imports, before it loads a model (bench/memory_estimate.py)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 A_H, A_M = 16, 4
@@ -159,6 +158,7 @@ class Estimate:
 
     total: float
     parts: dict
+    gpu: Optional[float] = None  # bytes on the trial's GPU when it runs on one (orchestrator/gpu_plan.py)
 
     @property
     def gb(self) -> float:
@@ -181,6 +181,7 @@ def estimate_trial(cfg: dict, lean: bool = True, keep_weights_gb: float = 2.0,
     copies = 1.0 if (cfg.get("model") or {}).get("name", "tiny") == "tiny" else 2.0  # loading: file and model at once
     if lean and weights <= keep_weights_gb * GB:
         copies += 1  # the warm process keeps the base weights loaded for the next trial
+    host_only = copies - 1  # the file's copy and the kept one are in host memory, never on a GPU
     n_train, frozen = _trainable(arch, cfg.get("params") or {})
     if _needs_initial_theta(cfg) and frozen:
         copies += 1
@@ -198,7 +199,8 @@ def estimate_trial(cfg: dict, lean: bool = True, keep_weights_gb: float = 2.0,
     evaluation = _logits(arch, int(ev.get("batch_size", 32)), min(T, 64), 2)
     parts = {"runtime": RUNTIME_GB * GB, "weights": weights * copies, "trainable state": trainable,
              "activations": max(step, evaluation), "diff-set cache": TW_DATA_GB * GB if cfg.get("temporalwiki") else 0}
-    return Estimate(sum(parts.values()), parts)
+    return Estimate(sum(parts.values()), parts,
+                    gpu_bytes(weights * (copies - host_only), trainable, max(step, evaluation)))
 
 
 def estimate_meta(meta_cfg: dict) -> Optional[Estimate]:
@@ -225,104 +227,8 @@ def estimate_meta(meta_cfg: dict) -> Optional[Estimate]:
     parts = {"runtime": RUNTIME_GB * GB, "weights": weights, "trainable state": phi_state,
              "second-order graph": G * per_example,
              "fixed (fitted)": META_FIXED_GB["vmap" if m.get("batching", "vmap") == "vmap" else "sequential"] * GB}
-    return Estimate(sum(parts.values()), parts)
-
-
-# ---- how many fit ------------------------------------------------------------------------------------------------
-
-@dataclass
-class Fit:
-    asked: int
-    fits: int  # trials at once that the memory holds (>= 1: a trial too large still runs, alone)
-    need_gb: float  # per worker
-    source: str  # "estimated" | "resources.memory_gb"
-    message: str
-    request_gb: float  # what Ray's scheduler is told per worker (at most the largest node's memory)
-
-
-def node_memory() -> list[float]:
-    """Bytes of Ray's ``memory`` resource of every alive node (what Ray lets tasks and actors reserve)."""
-    import ray
-
-    return [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
-
-
-def machine_memory() -> float:
-    import psutil
-
-    return float(psutil.virtual_memory().total)
-
-
-def plan(need_bytes: Optional[float], stated_gb: Optional[float], asked: int, workers: int,
-         nodes: list[float], machine: float, gpu: Optional[tuple[int, float]] = None,
-         gpus_per_worker: float = 0.0) -> Fit:
-    """How many trials of ``workers`` workers, each needing ``need_bytes`` (or the user's ``stated_gb``), fit on
-    ``nodes`` (Ray's memory per node) and, when trials use GPUs, on ``gpu`` = (number of GPUs, bytes each; None:
-    unknown). Returns the concurrency to run at and the message saying why."""
-    source = "resources.memory_gb" if stated_gb else "estimated"
-    need = stated_gb * GB if stated_gb else need_bytes
-    if not need or not nodes:
-        why = "memory per trial unknown (set resources.memory_gb)" if not need else "no node reports its memory"
-        return Fit(asked, asked, 0.0, source, f"{asked} at a time; {why}", 0.0)
-    per_node = [int(n // need) for n in nodes]
-    fits = sum(per_node) // max(1, workers)
-    largest = max(nodes)
-    where = (f"{largest / GB:.1f} GB Ray holds for trials of this machine's {machine / GB:.1f} GB" if len(nodes) == 1
-             else f"{sum(nodes) / GB:.1f} GB Ray holds for trials on {len(nodes)} nodes")
-    what = f"a trial needs {need / GB:.2f} GB ({source})" if workers == 1 else \
-        f"a trial's {workers} workers need {need / GB:.2f} GB each ({source})"
-    gpu_note = ""
-    if gpus_per_worker > 0:
-        if gpu is None:
-            gpu_note = "; GPU memory unknown here (no CUDA in this process): not capped by it"
-        else:
-            n_gpu, per_gpu = gpu
-            slots = int(math.floor(1 / gpus_per_worker + 1e-9)) if gpus_per_worker < 1 else 1
-            per = min(slots, int(per_gpu // need)) if gpus_per_worker < 1 else (1 if per_gpu >= need else 0)
-            gfit = (n_gpu * per if gpus_per_worker < 1 else int(n_gpu // gpus_per_worker)) // max(1, workers)
-            gpu_note = f"; {gfit} fit on {n_gpu} GPU(s) of {per_gpu / GB:.1f} GB"
-            fits = min(fits, gfit) if per else fits
-    if fits < 1:
-        return Fit(asked, 1, need / GB, source,
-                   f"{what}, more than {where}: one at a time, and Ray's memory monitor may stop it{gpu_note}",
-                   min(need, largest) / GB)
-    if fits < asked:
-        msg = f"{asked} at a time asked, {fits} fit{'s' if fits == 1 else ''} in {where}: {what}{gpu_note}"
-    else:
-        msg = f"{what}; {asked} at a time (up to {fits} fit in {where}){gpu_note}"
-    return Fit(asked, min(asked, fits), need / GB, source, msg, need / GB)
-
-
-def gpu_memory() -> Optional[tuple[int, float]]:
-    """(number of CUDA devices, bytes of the first) in this process, or None when CUDA is not available here."""
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.device_count():
-            return torch.cuda.device_count(), float(torch.cuda.get_device_properties(0).total_memory)
-    except Exception:  # noqa: BLE001 (a broken CUDA install: unknown)
-        return None
-    return None
-
-
-def plan_stage(resources, need: Optional[Estimate]) -> Fit:
-    """:func:`plan` for a study stage on the Ray instance this process is attached to."""
-    gpu = gpu_memory() if resources.gpus_per_worker > 0 else None
-    return plan(need.total if need else None, resources.memory_gb, resources.max_concurrent, resources.workers,
-                node_memory(), machine_memory(), gpu, resources.gpus_per_worker)
-
-
-def check_stated(resources, where: str, local: bool) -> None:
-    """Bad input before anything starts: a stated ``resources.memory_gb`` more than this machine's memory, on the
-    local instance a study would start (a cluster's nodes are known once attached: there it is planned, not
-    refused)."""
-    from trainables.errors import InputError
-
-    if resources.memory_gb and local:
-        total = machine_memory()
-        if resources.memory_gb * GB > total:
-            raise InputError(where, f"{resources.memory_gb:g} GB per trial worker, more than this machine's "
-                                    f"{total / GB:.1f} GB (Ray lets trials reserve about 70 % of the free memory)")
+    on_gpu = sum(parts.values()) - parts["runtime"] - (loaded - 1) * arch.params() * b  # the file's copy: host
+    return Estimate(sum(parts.values()), parts, gpu_bytes(on_gpu, 0.0, 0.0))
 
 
 def release_freed_memory() -> None:

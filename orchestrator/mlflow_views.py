@@ -111,6 +111,12 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}&{urlencode(TRAINING_MODE)}"
 
 
+def study_run(client, experiment_id: str):
+    """The study's own run (``taalm.role = study``, the trials' parent), or None."""
+    found = client.search_runs([experiment_id], "tags.`taalm.role` = 'study'", max_results=1)
+    return found[0] if found else None
+
+
 def trial_runs(client, experiment_id: str, order: tuple[str, bool] = ("top_acc", False)) -> list:
     """The study's trial runs, best first by ``order`` (metric, ascending); runs without it last."""
     runs = client.search_runs([experiment_id], TRIAL_FILTER, max_results=5000)
@@ -121,29 +127,25 @@ def trial_runs(client, experiment_id: str, order: tuple[str, bool] = ("top_acc",
     return have + [r for r in runs if metric not in r.data.metrics]
 
 
-def study_columns(record, runs: list) -> tuple[list[str], tuple[str, bool]]:
+def view_links(client, experiment_id: str, protocol: str, base: str) -> tuple[str, str, int]:
+    """(the study's trials view URL, MLflow's compare URL of its trials best first, number of trials) under
+    ``base`` (an MLflow UI's address; "" for links relative to the UI that shows them)."""
+    order = DEFAULT_ORDER.get(protocol, DEFAULT_ORDER["lama_ckl"])
+    ids = [r.info.run_id for r in trial_runs(client, experiment_id, order)]
+    return trials_view_url(base, experiment_id), compare_url(base, experiment_id, ids), len(ids)
+
+
+def study_columns(record, runs: list, declared: Optional[tuple[list[str], Optional[tuple[str, bool]]]] = None
+                  ) -> tuple[list[str], tuple[str, bool]]:
     """(parameter columns, sort) of a study's view, for a study whose view was not saved when it ran (studies
-    from before views existed): the grid's axes (re-read from its grid file) or the search's space, else the
-    parameters whose values differ between its trials; and the seed. Parameter names as the trials logged them
-    (older studies logged the config under ``config.``)."""
+    from before views existed): ``declared`` (its kind's columns, from its spec file: orchestrator/kinds.py), else
+    the parameters whose values differ between its trials; and the seed. Parameter names as the trials logged
+    them (older studies logged the config under ``config.``)."""
     order = DEFAULT_ORDER.get(record.protocol, DEFAULT_ORDER["lama_ckl"])
     keys: list[str] = []
-    try:
-        if record.kind == "grid" and record.source:
-            from .grid import load_grid
-
-            _, trials, _ = load_grid(record.source, record.overrides)
-            keys = list(dict.fromkeys(k for t in trials for k in t.overrides))
-        elif record.kind == "search" and record.source:
-            from .search import load_search
-
-            spec, _ = load_search(record.source, record.overrides)
-            keys = list(spec.space)
-            o = spec.objectives[0]
-            if o.metric in SUMMARY_COLUMNS["lama_ckl"]:
-                order = (o.metric, o.mode == "min")
-    except Exception:  # the grid file moved or changed since: fall back on what the trials logged
-        keys = []
+    if declared is not None:
+        keys = [k for k in declared[0] if k != "seed"]
+        order = declared[1] or order
     logged = set().union(*(r.data.params for r in runs)) if runs else set()
     if not keys:
         skip = {"label", "seed", "config.seed"}
@@ -152,11 +154,12 @@ def study_columns(record, runs: list) -> tuple[list[str], tuple[str, bool]]:
     return names + ["seed"], order
 
 
-def ensure_trials_view(client, experiment_id: str, record) -> Optional[str]:
+def ensure_trials_view(client, experiment_id: str, record, declared=None) -> Optional[str]:
     """The study's view id, saving one first if the study has none yet (studies run before views existed);
-    None if the store refuses it (the reason is raised)."""
+    ``declared``: a function giving its kind's columns (only called then). None if the store refuses it (the
+    reason is raised)."""
     if has_trials_view(client, experiment_id):
         return TRIALS_VIEW
     runs = client.search_runs([experiment_id], TRIAL_FILTER, max_results=5000)
-    params, order = study_columns(record, runs)
+    params, order = study_columns(record, runs, declared() if declared is not None else None)
     return save_trials_view(client, experiment_id, record.name, record.protocol, params, order)

@@ -27,9 +27,9 @@ import torch
 
 from trainables.loop import UNIT, Callback, Report
 
+from .faults import FAULT_ENV
 from .specs import TrialSpec
-
-FAULT_ENV = "TAALM_INJECT_FAULT"
+from .storage import Storage, StorageCache, fetch_phi, publish_phi
 
 
 class TuneSession:
@@ -85,33 +85,6 @@ def _restore_into(session, out: Path, name: str) -> None:
             if src.is_dir():
                 shutil.rmtree(out / name, ignore_errors=True)
                 shutil.copytree(src, out / name)
-
-
-def injected_faults(labels: Optional[list[str]]) -> dict[Optional[str], int]:
-    """Fault injection for checking retries before a long study (a testing hook, off by default).
-
-    ``TAALM_INJECT_FAULT=INDEX`` (every trial) or ``INDEX:LABEL[,INDEX:LABEL...]`` makes a trial's first
-    attempt crash at its first step after the report of INDEX (an epoch; a meta-training trial's meta-step; a
-    TemporalWiki period) was checkpointed; a retry (``resources.max_failures``) restores that checkpoint and goes
-    on without the fault. Read once in the driver, at study start. ``labels`` None: a search, whose trials are
-    not known in advance: only ``INDEX`` (every trial), returned under the key None."""
-    from trainables.errors import InputError
-
-    raw = os.environ.get(FAULT_ENV, "").strip()
-    out: dict[Optional[str], int] = {}
-    for item in filter(None, (x.strip() for x in raw.split(","))):
-        index, _, label = item.partition(":")
-        if labels is None:
-            if not index.isdigit() or label:
-                raise InputError(f"{FAULT_ENV}={raw}", "expected INDEX (a search's trials have no labels in advance)")
-            out[None] = int(index)
-            continue
-        if not index.isdigit() or (label and label not in labels):
-            raise InputError(f"{FAULT_ENV}={raw}", f"expected INDEX or INDEX:LABEL with a label of this study "
-                                                    f"({', '.join(sorted(set(labels)))})")
-        for name in ([label] if label else labels):
-            out[name] = int(index)
-    return out
 
 
 class TrialSession(Callback):
@@ -188,8 +161,12 @@ def placed_device(spec: TrialSpec) -> tuple[str, dict]:
     placed = {"gpu_ids": ",".join(ids), "gpu_share": res.gpus_per_worker}
     if device == "cpu":
         return device, {**placed, "device": "cpu", "device_note": "device: cpu in the config"}
-    if torch.cuda.is_available():
-        return device, {**placed, "device": "cuda" if device == "auto" else device}
+    if torch.cuda.is_available():  # Ray's GPU as this process numbers it, capped at the trial's share of its memory
+        from .gpu_plan import claim_gpu, local_cuda
+
+        device, note = local_cuda(device, ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return device, {**placed, "device": device, **claim_gpu(device, res.gpus_per_worker),
+                        **({"device_note": note} if note else {})}
     why = "a CPU build" if torch.version.cuda is None else "no CUDA device or driver visible"
     note = (f"Ray assigned GPU {','.join(ids) or '?'} ({res.gpus_per_worker:g} of it) but this process has no CUDA "
             f"(torch {torch.__version__}: {why}): running on the CPU")
@@ -246,17 +223,25 @@ def _run_loop(spec: TrialSpec, session, out: Path) -> None:
     device, placement = placed_device(spec)
     config = dict(spec.config, device=device)
     callbacks = [TrialSession(spec, session, placement)]
+    storage = Storage(spec.storage) if spec.storage else None
     if spec.kind == "continual":
         from trainables.config import RunConfig
         from trainables.continual import continual_update
 
+        if spec.phi_key and storage is not None:  # the meta stage's φ, from the storage into this node's cache
+            phi = fetch_phi(storage, spec.phi_key, _phi_cache(spec.phi_key))
+            w = config["weighting"]
+            config["weighting"] = {**w, "train_attention": {**w["train_attention"], "phi": str(phi)}}
         # the trials of this study that start from the same θ on the same facts evaluate epoch 0 once
-        continual_update(RunConfig.model_validate(config), out_dir=out, callbacks=callbacks,
-                         initial_eval_cache=Path(spec.storage_path) / "initial_eval" if spec.storage_path else None)
+        cache = StorageCache(storage, "initial_eval") if storage is not None else \
+            Path(spec.storage_path) / "initial_eval" if spec.storage_path else None
+        continual_update(RunConfig.model_validate(config), out_dir=out, callbacks=callbacks, initial_eval_cache=cache)
     elif spec.kind == "meta":
         from trainables.meta import MetaConfig, meta_train
 
         meta_train(MetaConfig.model_validate(config), out_dir=out, callbacks=callbacks)
+        if storage is not None and spec.phi_key:  # for the trials on every node, and the driver's record
+            publish_phi(storage, spec.phi_key, out)
     else:
         from trainables.temporalwiki import TemporalWikiConfig, temporalwiki_run
 
@@ -266,14 +251,21 @@ def _run_loop(spec: TrialSpec, session, out: Path) -> None:
 def loop_worker(spec: TrialSpec, session) -> None:
     """One trial's loop: meta-training works in φ's directory (``spec.phi_dir``, where φ is kept); the others in a
     scratch directory removed afterwards (their checkpoints live on in Tune / Ray Train)."""
-    if spec.kind == "meta":
-        _run_loop(spec, session, Path(spec.phi_dir))
+    if spec.kind == "meta":  # φ's cache directory on this node (the driver's path when it has none of its own)
+        _run_loop(spec, session, _phi_cache(spec.phi_key) if spec.phi_key else Path(spec.phi_dir))
         return
     out = Path(tempfile.mkdtemp(prefix=f"taalm-trial-r{session.rank}-"))
     try:
         _run_loop(spec, session, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _phi_cache(key: str) -> Path:
+    """φ's cache directory on this node (TAALM_CACHE/phi/<key>)."""
+    from trainables.models import cache_dir
+
+    return cache_dir() / "phi" / key
 
 
 def train_worker(config: dict) -> None:
@@ -293,9 +285,11 @@ def run_trial(spec: TrialSpec) -> None:
         try:
             loop_worker(spec, TuneSession())
         finally:  # this process may run the next trial (reuse_actors): it starts from what is really in use
+            from .gpu_plan import release_gpu
             from .memory import release_freed_memory
 
             release_freed_memory()
+            release_gpu()
         return
     import ray.train
     from ray.train import FailureConfig, ScalingConfig

@@ -74,8 +74,10 @@ class TrialSpec(BaseModel):
     label: str  # the method name in reports
     config: dict[str, Any]  # the validated run / TemporalWiki / meta-training config, as JSON
     resources: Resources
-    storage_path: str  # where Ray Train keeps checkpoints (shared storage on a cluster)
-    phi_dir: Optional[str] = None  # meta: the directory φ is written to
+    storage_path: str  # where Ray Train keeps checkpoints (under the study's storage)
+    storage: Optional[str] = None  # the study's storage (orchestrator/storage.py): φ, the epoch-0 evaluations
+    phi_dir: Optional[str] = None  # meta: the directory φ is written to (its cache directory on the trial's node)
+    phi_key: Optional[str] = None  # meta: where φ is published in the storage (phi/<key>); trials: the φ to fetch
     inject_fault: Optional[int] = None  # TAALM_INJECT_FAULT for this trial (a testing hook)
 
     @classmethod
@@ -87,7 +89,7 @@ class StudyRecord(BaseModel):
     """``study.json``: what a study is, so it can be reported, browsed and resumed."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["grid", "search"]
+    kind: str  # a row of the study kinds table (orchestrator/kinds.py): grid, search
     protocol: Protocol = "lama_ckl"
     name: str
     tracking_uri: str
@@ -95,6 +97,7 @@ class StudyRecord(BaseModel):
     overrides: list[str] = []
     out_root: Optional[str] = None
     baseline: Optional[str] = None  # the row the report's paired differences are taken against
+    storage: Optional[str] = None  # the study's storage (a path or a URI); None: the study directory
     trials: list[dict[str, Any]] = []  # grids: key, label, seed of every trial, in grid order
 
     FILE: ClassVar[str] = "study.json"
@@ -131,3 +134,9 @@ class StudyRecord(BaseModel):
             key = ".".join(str(x) for x in err["loc"]) or "?"
             what = "missing" if err["type"] == "missing" else err["msg"]
             raise InputError(str(f), f"corrupt study file: {key}: {what}") from None
+
+
+def study_tracking(study_dir: Path) -> tuple[str, str]:
+    """(tracking URI, experiment name) of a study directory."""
+    s = StudyRecord.read(study_dir)
+    return s.tracking_uri, s.name

@@ -20,20 +20,16 @@ from typing import Callable, Optional
 
 from ray import tune
 
-from .faults import StudyStopped, storage_fault
+from .faults import StudyStopped, failure_reason, install, request_stop, storage_fault
+from .ray_trainables import trial_resources
 from .specs import Resources
+from .storage import Storage
 
 _CURRENT: dict = {}  # the guard of the Tuner being built (a restored experiment's pickled guard becomes it)
 
 
 def _current_guard() -> "StudyGuard":
     return _CURRENT.get("guard") or StudyGuard()
-
-
-def stopping() -> Optional[str]:
-    """Why the running stage is stopping (a refused write), or None."""
-    guard = _CURRENT.get("guard")
-    return guard.stop_reason if guard is not None else None
 
 
 class StudyGuard(tune.Callback):
@@ -48,11 +44,10 @@ class StudyGuard(tune.Callback):
         return (_current_guard, ())
 
     def _check(self, trial) -> None:
-        from .tracking import failure_reason
-
         reason = failure_reason(trial)
         if self.stop_reason is None and storage_fault(reason):
             self.stop_reason = reason
+            request_stop(reason)
             self._stop()
 
     def _stop(self) -> None:
@@ -92,22 +87,22 @@ class StudyGuard(tune.Callback):
 def build_tuner(trainable, *, name: str, study_dir: Path, resources: Resources, callbacks: list,
                 kind: str = "continual", param_space: Optional[dict] = None, search_alg=None, scheduler=None,
                 num_samples: int = 1, dirname: Optional[Callable] = None,
-                resume: bool = False) -> tuple[tune.Tuner, StudyGuard]:
+                resume: bool = False, storage: Optional[Storage] = None) -> tuple[tune.Tuner, StudyGuard]:
     """The Tuner of a study stage. ``resources`` are the stage's effective resources (``max_concurrent`` already
     capped to what memory holds, ``memory_gb`` what each trial worker reserves); with ``resume``, the stage's saved
     experiment is restored when there is one: finished trials are kept, unfinished and errored ones continue from
     their latest checkpoint."""
-    from .faults import install
-    from .ray_trainables import trial_resources
-
     install()
     guard = StudyGuard()
     _CURRENT["guard"] = guard
+    request_stop(None)
     trainable = tune.with_resources(trainable, trial_resources(resources, kind))
-    storage = (Path(study_dir) / "tune").resolve()
-    path = storage / name
-    if resume and tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+    # Tune's experiment state and the trials' checkpoints: the study's storage (every node reaches it), else the
+    # study directory
+    storage = storage or Storage.resolve(None, Path(study_dir))
+    path = storage.join("tune", name)
+    if resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                   param_space=param_space), guard
     tuner = tune.Tuner(
         trainable,
@@ -118,7 +113,7 @@ def build_tuner(trainable, *, name: str, study_dir: Path, resources: Resources, 
             # a finished trial's process takes the next trial: no new process, no re-import, the base weights
             # already loaded (lean trials)
             reuse_actors=True, trial_dirname_creator=dirname),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[guard] + list(callbacks),
+        run_config=tune.RunConfig(name=name, storage_path=storage.join("tune"), callbacks=[guard] + list(callbacks),
                                   failure_config=tune.FailureConfig(max_failures=resources.max_failures),
                                   verbose=0),
     )

@@ -79,7 +79,7 @@ def ray_local(ray_head):
     `taalm ray start` runs), detached afterwards; the instance keeps running for the next test."""
     import ray
 
-    from orchestrator.study import init_ray
+    from orchestrator.local_ray import init_ray
 
     how = init_ray(None)
     assert how.startswith("attached to the local Ray instance"), how

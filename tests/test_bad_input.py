@@ -404,6 +404,14 @@ CASES = [
     Case("grid: TAALM without a meta stage", "unknown name", ABLATE, ["(meta)"],
          grid("name: g\nbase: BASE\naxes:\n  weighting.scheme: [train_attention]\n")),
     Case("grid: bad study name", "unknown name", ABLATE, ["(name)"], grid("name: 'a b'\nbase: BASE\n")),
+    Case("ablate: a storage no filesystem opens", "unknown name", ABLATE + ["--storage", "nosuch://bucket/runs"],
+         ["--storage: nosuch://bucket/runs: not a storage pyarrow can open"], grid("name: g\nbase: BASE\n")),
+    Case("grid: a storage no filesystem opens", "unknown name", ABLATE,
+         ["g.yaml:3 (storage): nosuch://bucket/runs: not a storage pyarrow can open"],
+         grid("name: g\nbase: BASE\nstorage: nosuch://bucket/runs\n")),
+    Case("tune: a storage no filesystem opens", "unknown name", TUNE + ["--storage", "nosuch://b"],
+         ["--storage: nosuch://b: not a storage pyarrow can open"],
+         space(SPACE + "  train.lr: {type: float, low: 0.1, high: 0.2}\n")),
     Case("search: unknown scheme choice", "unknown name", TUNE, ["(space.weighting.scheme)", "nope"],
          space(SPACE + "  weighting.scheme: {type: categorical, choices: [uniform, nope]}\n")),
     Case("search: condition on a later key", "unknown name", TUNE, ["listed before"],
@@ -532,7 +540,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 140
+N_CASES = 143
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 

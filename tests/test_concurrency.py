@@ -38,7 +38,7 @@ print(json.dumps(out))
 
 
 def test_four_concurrent_trials_lose_and_duplicate_nothing(ray_local, tmp_path):
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml",
                      ["name=concurrent", "seeds=[0,1]", "resources.max_concurrent=4",
@@ -62,7 +62,7 @@ TAALM = str(Path(sys.executable).with_name("taalm"))
 OPEN_STUDY = """
 import sys, time
 from pathlib import Path
-from orchestrator.tracking import Study
+from orchestrator.mlflow_store import Study
 db, name, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 (db.parent / name).mkdir()
 (db.parent / f"{name}.ready").touch()

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from orchestrator.console import StudyConsole, configure_output
+from orchestrator.console import StudyConsole
+from orchestrator.logs import configure_output
 
 
 def _trial(key: str, error_file=None):

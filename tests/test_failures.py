@@ -22,8 +22,8 @@ def _trials(r):
 
 
 def test_diverging_and_crashing_trials_fail_alone(ray_local, tmp_path, monkeypatch):
-    from orchestrator.report import write_report
-    from orchestrator.study import run_ablation
+    from orchestrator.report_files import write_report
+    from orchestrator.ablation import run_ablation
 
     monkeypatch.setenv("TAALM_INJECT_FAULT", "1:crashes")
     r = run_ablation(ROOT / "ablations" / "failures_tiny.yaml", out_root=tmp_path)
@@ -45,7 +45,7 @@ def test_diverging_and_crashing_trials_fail_alone(ray_local, tmp_path, monkeypat
 def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     monkeypatch.setenv("TAALM_INJECT_FAULT", "1:Finetune")
     r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml",
@@ -68,7 +68,7 @@ def test_crashed_trial_is_retried_from_its_checkpoint(ray_local, tmp_path, monke
 
 
 def test_time_budget_fails_the_trial(ray_local, tmp_path):
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml",
                      ["name=budget", "resources.time_budget_s=0.001", "axes={weighting.scheme: [uniform]}"],
@@ -95,7 +95,7 @@ def test_meta_training_and_temporalwiki_trials_are_retried_from_their_checkpoint
     """Every loop runs through the same trial session: a fault injected into meta-training after its check at step
     2 and into a TemporalWiki trial after period 0 fails each first attempt; with max_failures 1 each is retried
     from the checkpoint of that report (not from scratch), every report logged once, and the study completes."""
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     monkeypatch.setenv("TAALM_INJECT_FAULT", "2:meta-train seed 0,0:Finetune")
     r = run_ablation(TW_GRID, ["name=tw_retry", TW_ROWS, "resources.max_failures=1"], out_root=tmp_path,
@@ -117,7 +117,7 @@ def test_meta_training_and_temporalwiki_trials_are_retried_from_their_checkpoint
 
 
 def test_time_budget_holds_for_meta_training_and_temporalwiki(ray_local, tmp_path):
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     r = run_ablation(TW_GRID, ["name=tw_budget", "zip=[{label: [Finetune], weighting.scheme: [uniform]}]",
                                "resources.time_budget_s=0.001"], out_root=tmp_path)

@@ -401,7 +401,7 @@ def test_the_reason_of_a_killed_trial_is_one_line():
 
 
 def test_the_memory_plan_caps_concurrency_to_what_fits():
-    from orchestrator.memory import GB, plan
+    from orchestrator.placement import GB, plan
 
     f = plan(9.5 * GB, None, asked=2, workers=1, nodes=[16.2 * GB], machine=23.5 * GB)
     assert (f.fits, f.request_gb) == (1, 9.5)
@@ -418,6 +418,36 @@ def test_the_memory_plan_caps_concurrency_to_what_fits():
     assert f.fits == 2 and "2 fit on 2 GPU(s) of 16.0 GB" in f.message
     f = plan(9.5 * GB, None, asked=4, workers=1, nodes=[100 * GB], machine=120 * GB, gpu=None, gpus_per_worker=1)
     assert f.fits == 4 and "GPU memory unknown" in f.message
+
+
+def test_the_plan_counts_trials_node_by_node():
+    """Issue 33 item 3: what fits is counted on each node (its memory, CPUs and GPUs at once) and summed, never over
+    memory added up across nodes; a head kept for the driver (0 CPUs) holds none; the message names the nodes."""
+    from orchestrator.placement import GB, Node, plan
+
+    head = Node("10.232.0.1", 24 * GB, cpus=0, gpus=0)
+    a, b = Node("10.232.0.2", 16 * GB, cpus=8, gpus=0), Node("10.232.0.3", 7.5 * GB, cpus=8, gpus=0)
+    f = plan(5 * GB, None, asked=8, workers=1, nodes=[head, a, b], machine=24 * GB, cpus_per_worker=1)
+    # memory summed (47.5 GB) would say 9; the head holds none, 10.232.0.3 holds one
+    assert f.fits == 4 and "4 fit on 2 of 3 nodes, worker slots 3 on 10.232.0.2, 1 on 10.232.0.3" in f.message
+    assert "10.232.0.1" not in f.message and "47.5" not in f.message
+    # the CPUs are the scarce part: 2 CPUs a worker leave 4 slots on 10.232.0.2
+    f = plan(1 * GB, None, asked=8, workers=2, nodes=[a, b], machine=24 * GB, cpus_per_worker=2)
+    assert f.fits == 4 and "worker slots 4 on 10.232.0.2, 4 on 10.232.0.3" in f.message
+    # GPUs per node: one GPU each, one per worker
+    g = [Node(f"10.0.0.{i}", 100 * GB, cpus=16, gpus=1) for i in (2, 3)]
+    f = plan(5 * GB, None, asked=4, workers=1, nodes=g, machine=100 * GB, gpus_per_worker=1, cpus_per_worker=1)
+    assert f.fits == 2 and "1 on 10.0.0.2, 1 on 10.0.0.3" in f.message
+    # no node has a worker's CPUs and memory together: one at a time, said with what each node has
+    f = plan(10 * GB, None, asked=2, workers=1, nodes=[head, b], machine=24 * GB, cpus_per_worker=1)
+    assert f.fits == 1 and "no node has them all at once" in f.message and "10.232.0.1: 0 CPUs, 24.0 GB" in f.message
+    # more than any node holds: the largest node is named, not the sum
+    f = plan(30 * GB, None, asked=2, workers=1, nodes=[head, a, b], machine=24 * GB, cpus_per_worker=1)
+    assert f.fits == 1 and "more than the largest node holds (24.0 GB)" in f.message
+    # one machine whose CPUs, not its memory, run out says so
+    f = plan(1 * GB, None, asked=4, workers=1, nodes=[Node("127.0.0.1", 16 * GB, cpus=2)], machine=24 * GB,
+             cpus_per_worker=1)
+    assert f.fits == 2 and "with its 2 CPU(s) (1 CPU(s) per worker)" in f.message
 
 
 def test_ray_is_told_the_memory_a_trial_reserves():

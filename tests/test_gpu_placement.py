@@ -24,7 +24,7 @@ def _trials(r):
 def ray_with_two_gpus():
     import ray
 
-    from orchestrator.study import init_ray
+    from orchestrator.local_ray import init_ray
 
     if ray.is_initialized():  # another module's instance: this test needs one with logical GPUs
         ray.shutdown()
@@ -37,7 +37,7 @@ def test_half_gpu_trials_pack_two_per_gpu_and_fall_back_to_the_cpu(ray_with_two_
     import ray
     import torch
 
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     assert ray.cluster_resources().get("GPU") == 2
     r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml",
@@ -62,7 +62,7 @@ def test_half_gpu_trials_pack_two_per_gpu_and_fall_back_to_the_cpu(ray_with_two_
 
 def test_a_trial_that_asks_for_no_gpu_runs_on_the_cpu(ray_with_two_gpus, tmp_path):
     """Ray leaves a node's GPUs visible to processes that asked for none: `device: auto` must not take them."""
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     r = run_ablation(ROOT / "ablations" / "smoke_tiny.yaml", ["name=nogpu", "axes={weighting.scheme: [uniform]}"],
                      out_root=tmp_path)

@@ -1,7 +1,7 @@
 """The install is the tested one: every direct dependency of pyproject.toml is pinned in constraints.txt
 (what `make install` installs with; `make constraints` rewrites it from the venv), the pin lies in
 pyproject.toml's range, and the installed version is the pinned one. And the private Ray constant that
-orchestrator/study.py sets still exists and is still read where Ray picks a node's address."""
+orchestrator/local_ray.py sets still exists and is still read where Ray picks a node's address."""
 
 import importlib.metadata as md
 import re
@@ -57,20 +57,20 @@ def test_installed_direct_dependency_is_the_pinned_version(req):
 
 
 def test_the_private_ray_switch_orchestrator_sets_still_exists():
-    """orchestrator/study.py `_keep_loopback` sets ray._private.ray_constants.ENABLE_RAY_CLUSTER = False so that
+    """orchestrator/local_ray.py `_keep_loopback` sets ray._private.ray_constants.ENABLE_RAY_CLUSTER = False so that
     Ray keeps 127.0.0.1 as a node's address. Assigning a renamed constant would silently do nothing."""
     import inspect
 
     from ray._private import ray_constants, services
 
     assert isinstance(getattr(ray_constants, "ENABLE_RAY_CLUSTER", None), bool), \
-        "ray._private.ray_constants.ENABLE_RAY_CLUSTER is gone: update orchestrator/study.py _keep_loopback"
+        "ray._private.ray_constants.ENABLE_RAY_CLUSTER is gone: update orchestrator/local_ray.py _keep_loopback"
     assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address), \
         "Ray no longer reads ENABLE_RAY_CLUSTER when it picks a node's address: update _keep_loopback"
 
 
 def test_the_private_ray_call_that_turns_token_auth_on_still_exists():
-    """Attaching to the `taalm ray start` head (orchestrator/study.py `_token_auth_on`) turns token authentication
+    """Attaching to the `taalm ray start` head (orchestrator/local_ray.py `_token_auth_on`) turns token authentication
     on in the driver the way ray.init does it for a new local instance: the environment variable, then
     ray._raylet.Config.initialize("") (Ray reads the variable once). A Ray release that changes this would make
     the attach hang on authentication errors."""
@@ -80,7 +80,7 @@ def test_the_private_ray_call_that_turns_token_auth_on_still_exists():
     from ray._private.authentication import authentication_token_setup
 
     assert callable(getattr(getattr(_raylet, "Config", None), "initialize", None)), \
-        "ray._raylet.Config.initialize is gone: update orchestrator/study.py _token_auth_on"
+        "ray._raylet.Config.initialize is gone: update orchestrator/local_ray.py _token_auth_on"
     src = inspect.getsource(authentication_token_setup._enable_token_auth)
     assert "RAY_AUTH_MODE" in src or "AUTH_MODE_ENV_VAR" in src
     assert "Config.initialize(" in src, "Ray turns token authentication on another way now: update _token_auth_on"
@@ -106,3 +106,21 @@ def test_the_ray_internals_orchestrator_faults_patches_still_exist():
     setup = inspect.getsource(tune_module._setup_signal_catching)
     assert "SIGUSR1" in setup and "def signal_interrupt_tune_run" in setup, \
         "Tune's SIGUSR1 stop handler changed: review tuning.py StudyGuard._stop"
+
+
+def test_the_private_ray_call_that_reads_the_autoscalers_node_types_still_exists():
+    """orchestrator/cluster.py reads which node types Ray's autoscaler may add from the cluster config it publishes
+    in the GCS (`ray._private.state.state.get_cluster_config()`, what Ray Data's autoscaler reads too): a trial no
+    node fits is waited for only when a node type would fit it. A Ray that moved it would make every such trial
+    refused (the fallback is "cannot grow"), not hang: this says so first."""
+    import inspect
+
+    from ray._private.state import state
+    from ray.core.generated import autoscaler_pb2
+
+    assert callable(getattr(state, "get_cluster_config", None)), \
+        "ray._private.state.state.get_cluster_config is gone: update orchestrator/cluster.py autoscaler_node_types"
+    fields = {f.name for f in autoscaler_pb2.ClusterConfig.DESCRIPTOR.fields}
+    group = {f.name for f in autoscaler_pb2.NodeGroupConfig.DESCRIPTOR.fields}
+    assert "node_group_configs" in fields and {"resources", "max_count"} <= group
+    assert "GCS_AUTOSCALER_CLUSTER_CONFIG_KEY" in inspect.getsource(type(state).get_cluster_config)

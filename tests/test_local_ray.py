@@ -114,7 +114,7 @@ def test_a_study_attaches_only_to_a_live_instance_of_its_own_environment(ray_hea
     from; with another PYTHONPATH (its workers would import other code) or a record of a dead instance, a study
     starts a Ray of its own instead, and says why."""
     from orchestrator.local_ray import RECORD_ENV, running_head
-    from orchestrator.study import local_cpus
+    from orchestrator.local_ray import local_cpus
 
     rec, why = running_head()
     assert rec is not None and rec["address"] == ray_head["address"] and why == ""

@@ -279,7 +279,7 @@ def test_a_shipped_phi_seeds_the_meta_stage_cache_only_for_its_own_config(meta_r
                                                                           monkeypatch):
     import shutil
 
-    from orchestrator import study
+    from orchestrator import phi_stage as study
 
     out, m = meta_run
     shutil.copytree(out / "phi", tmp_path / "shipped" / "tiny")
@@ -298,7 +298,7 @@ def test_the_shipped_smollm2_phi_matches_the_grids_that_use_it():
     """The Table 9 / Table 1 / Table 6 grids name examples/meta_smollm2.yaml: the φ in ablations/phi/ must
     have been trained with exactly that config on this data, or the demo would meta-train anew."""
     from orchestrator.grid import load_grid
-    from orchestrator.study import shipped_phi
+    from orchestrator.phi_stage import shipped_phi
 
     lama_hash = load_lama().hash
     for grid in ("table9_token_weighting", "baselines_table1", "combos_table6"):
@@ -312,7 +312,7 @@ def test_execution_options_are_not_part_of_phi_identity():
     """Running the meta-batch vmapped, in groups or one example at a time computes the same φ (tested above):
     changing them neither moves φ's cache entry nor orphans a shipped φ; changing what is trained does."""
     from orchestrator.grid import load_grid
-    from orchestrator.study import phi_location, shipped_phi
+    from orchestrator.phi_stage import phi_location, shipped_phi
 
     _, _, meta_cfg = load_grid(ROOT / "ablations" / "table9_token_weighting.yaml")
     lama_hash = load_lama().hash

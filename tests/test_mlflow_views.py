@@ -22,7 +22,7 @@ def _cfg(*overrides):
 
 def test_params_are_the_axes_and_what_a_reader_needs_not_the_whole_config():
     from trainables.config import flatten
-    from orchestrator.tracking import RUN_SETTINGS, run_params
+    from orchestrator.mlflow_store import RUN_SETTINGS, run_params
 
     cfg = _cfg("weighting.scheme=rho1", "params.kind=lora", "replay.kind=mix_review")
     p = run_params(cfg, {"weighting.scheme": "rho1"}, label="RHO-1", seed=0)
@@ -80,9 +80,10 @@ def test_the_saved_view_is_written_as_the_installed_mlflow_ui_reads_it():
 def test_a_study_from_before_views_gets_one_from_its_grid_or_its_trials(tmp_path):
     """`taalm ui` / `taalm report` on a study run before views existed: the grid's axes (its trials logged the
     config as config.*), or, when the grid file is gone, the params that differ between the trials."""
+    from orchestrator.kinds import view_columns
+    from orchestrator.mlflow_store import Study, default_tracking_uri
     from orchestrator.mlflow_views import VIEW_TAG_PREFIX, TRIALS_VIEW, ensure_trials_view, has_trials_view
     from orchestrator.specs import StudyRecord
-    from orchestrator.tracking import Study, default_tracking_uri
 
     study = Study(default_tracking_uri(tmp_path), "old_study", tmp_path)
     for scheme, seed, size in (("uniform", 0, 8), ("oracle", 0, 8), ("uniform", 1, 4)):
@@ -96,7 +97,7 @@ def test_a_study_from_before_views_gets_one_from_its_grid_or_its_trials(tmp_path
                                                             "seed"])):
         assert not has_trials_view(c, study.experiment_id)
         record = StudyRecord(kind="grid", name="old_study", tracking_uri=study.uri, source=source)
-        assert ensure_trials_view(c, study.experiment_id, record) == TRIALS_VIEW
+        assert ensure_trials_view(c, study.experiment_id, record, lambda: view_columns(record)) == TRIALS_VIEW
         state = json.loads(json.loads(c.get_experiment(study.experiment_id).tags[VIEW_TAG_PREFIX + TRIALS_VIEW])["state"])
         assert [k.split("`")[1] for k in state["selectedColumns"] if k.startswith("params.")] == expected
         c.delete_experiment_tag(study.experiment_id, VIEW_TAG_PREFIX + TRIALS_VIEW)
@@ -119,7 +120,8 @@ def test_duration_is_running_time_and_the_interruption_is_kept_apart(tmp_path):
     is a tag; the study run likewise (deterministic: a clock moved by hand)."""
     import pickle
 
-    from orchestrator.tracking import INTERRUPTED_TAG, RUNNING_TAG, MlflowTrials, Study, default_tracking_uri
+    from orchestrator.mlflow_store import INTERRUPTED_TAG, RUNNING_TAG, Study, default_tracking_uri
+    from orchestrator.tracking import MlflowTrials
 
     clock = Clock(1_000_000.0)
     info = {k: {"run_name": k, "role": "trial", "params": {}, "config": {}, "tags": {}} for k in ("a", "b")}

@@ -44,7 +44,7 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator.study import _keep_loopback
+    from orchestrator.local_ray import _keep_loopback
 
     _keep_loopback()
     dashboard = free_port_number()
@@ -78,7 +78,7 @@ def _node_ids(r) -> list[str]:
 def test_local_instance_listens_on_loopback_only():
     import ray
 
-    from orchestrator.study import init_ray
+    from orchestrator.local_ray import init_ray
 
     assert not ray.is_initialized()  # (run before the module's cluster starts, and separate from it anyway)
     before = set(ray_processes())
@@ -94,7 +94,7 @@ def test_local_instance_listens_on_loopback_only():
 def test_grid_runs_on_both_nodes_with_address(two_nodes, tmp_path):
     import ray
 
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     cluster, nodes, _ = two_nodes
     try:

@@ -63,7 +63,7 @@ def test_trial_paths_agree(ray_local, tmp_path):
     """One trial's metrics do not depend on how it runs: lean (inside its Tune process, the default for one
     worker; here two trials in turn in one warm process, the second with the kept base weights) equals a Ray
     Train run of one worker exactly, and a Ray Train run of two data-parallel workers up to float summation."""
-    from orchestrator.study import run_ablation
+    from orchestrator.ablation import run_ablation
 
     curves, pids = {}, {}
     # lean1 runs Oracle, then Finetune in the same warm process with the kept base weights

@@ -4,7 +4,8 @@ bootstrap interval over facts and seeds (orchestrator.report.paired_differences)
 import numpy as np
 import pytest
 
-from orchestrator.report import paired_differences, paired_markdown
+from orchestrator.report import paired_differences
+from orchestrator.report_files import paired_markdown
 
 
 def _row(label, seed, tl, nf):
@@ -87,7 +88,7 @@ def _study(tmp_path, name, trials):
 
 
 def test_report_joins_studies_and_checks_the_baseline(tmp_path):
-    from orchestrator.report import write_report
+    from orchestrator.report_files import write_report
     from trainables.errors import InputError
 
     rng = np.random.default_rng(3)
@@ -142,7 +143,8 @@ def test_did_not_learn_is_one_fact_or_less_above_epoch_0():
 
 
 def test_the_table_marks_rows_that_did_not_learn_and_keeps_the_numbers():
-    from orchestrator.report import markdown, table
+    from orchestrator.report import table
+    from orchestrator.report_files import markdown
 
     one = 1 / 64
     rows = [_trial("Finetune", s, [0, one, 3 * one, 2 * one]) for s in range(3)]
@@ -173,7 +175,7 @@ def test_the_study_run_description_and_files_carry_the_mark(tmp_path):
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.report import write_report
+    from orchestrator.report_files import write_report
 
     uri = f"sqlite:///{tmp_path / 'st.db'}"
     c = MlflowClient(uri)

@@ -106,7 +106,8 @@ def test_epochs_the_killed_driver_never_logged_are_filled_in(tmp_path):
     curves once; the callback logs exactly the missing epochs (no duplicates of 0 and 1)."""
     from types import SimpleNamespace
 
-    from orchestrator.tracking import MlflowTrials, Study, default_tracking_uri
+    from orchestrator.mlflow_store import Study, default_tracking_uri
+    from orchestrator.tracking import MlflowTrials
 
     study = Study(default_tracking_uri(tmp_path), "race", tmp_path)
     info = {"k1": {"run_name": "Finetune seed 0", "role": "trial", "params": {}, "config": {}, "tags": {}}}

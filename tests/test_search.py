@@ -5,7 +5,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from orchestrator.search import define_by_run, load_search
+from orchestrator.search_space import define_by_run, load_search
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "search_spaces" / "tiny_search.yaml"

@@ -161,8 +161,8 @@ def test_table2_grid_through_the_orchestrator(ray_local, tmp_path):
     fixture, as Ray Train trials under Tune, tracked in MLflow with per-period perplexities."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.report import write_report
-    from orchestrator.study import run_ablation
+    from orchestrator.report_files import write_report
+    from orchestrator.ablation import run_ablation
 
     r = run_ablation(ROOT / "ablations" / "temporalwiki_table2.yaml", out_root=tmp_path)
     assert r["failed"] == 0 and r["trials"] == 5

@@ -72,7 +72,8 @@ def test_ui_serves_the_study_on_loopback_and_stops_cleanly_on_sigterm(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.mlflow_views import VIEW_TAG_PREFIX, TRIALS_VIEW
-    from orchestrator.tracking import RUNNING_TAG, MlflowTrials, Study, default_tracking_uri
+    from orchestrator.mlflow_store import RUNNING_TAG, Study, default_tracking_uri
+    from orchestrator.tracking import MlflowTrials
 
     study_dir = tmp_path / "s"
     study_dir.mkdir()

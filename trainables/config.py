@@ -86,8 +86,8 @@ class TrainConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     max_length: int = Field(512, ge=8)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
-    # the forward passes' precision (training and evaluation): fp32, or bf16 autocast (weights, gradients and the
-    # optimizer stay fp32); trainables/step.py
+    # the training forward passes' precision, the frozen reference model's included: fp32, or bf16 autocast (weights,
+    # gradients and the optimizer stay fp32); trainables/precision.py. Evaluation runs in fp32 either way (metrics.py)
     precision: Literal["fp32", "bf16"] = "fp32"
     # batches of documents of similar length (less padding): a different, equally seeded order of the same
     # documents; off for runs with replay (replayed documents of any length join every batch)

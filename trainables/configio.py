@@ -18,8 +18,11 @@ class ConfigKeyError(ValueError):
     key's path, so the message names it with its file:line or --set."""
 
     def __init__(self, loc: tuple, message: str):
-        super().__init__(message)
-        self.loc = loc
+        super().__init__(loc, message)  # both in ``args``: copy and pickle rebuild it (trainables/errors.py)
+        self.loc, self.message = loc, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class _LineLoader(yaml.SafeLoader):

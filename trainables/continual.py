@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from . import seeds
@@ -26,14 +25,14 @@ from .config import RunConfig, config_to_dict
 from .data import LamaCKL, Split, load_lama
 from .encode import EncodedDoc, encode_documents, encode_probes
 from .errors import InputError
-from .loop import Callback, Report, check_resumable
+from .loop import Callback, EpochLog, Report, check_resumable, device_memory
 from .loss import token_nll
 from .metrics import EncodedProbe, mean, probe_scores, summarize
 from .models import load_tokenizer
 from .regularizers import Regularizer, build_regularizer
 from .replay import Replay, build_replay
 from .tailor import build_split
-from .step import MicroBatching, autocast, epoch_batches, train_step
+from .step import EpochStats, MicroBatching, autocast, epoch_batches, train_step_stats
 from .theta import Theta, build_theta, resolve_device
 from .weighting import Composite, SchemeEnv, build_weighting
 
@@ -73,12 +72,29 @@ def build_components(cfg: RunConfig, env: SchemeEnv) -> tuple[Composite, Regular
 
 
 def finish_setup(setup: RunSetup, env: SchemeEnv) -> RunSetup:
-    """Wire the reference model into the weighting environment, then every component's ``setup`` hook."""
+    """Run the frozen initial θ under θ's precision (what it is compared with: at step 0 RHO-1's excess loss and GeRe's
+    and SEEKR's constraints are 0, not rounding noise), wire it into the weighting environment, then every
+    component's ``setup`` hook."""
+    env.precision = setup.cfg.train.precision
+    setup.theta.reference_model = under_autocast(setup.theta.reference_model, setup.device, env.precision)
     if setup.weighting.needs_reference_model:
         env.reference_model_nll = lambda ids, mask: token_nll(setup.reference_model(ids, mask).logits, ids, mask)
     for c in setup.components():
         c.setup(setup)
     return setup
+
+
+def under_autocast(forward, device, precision: str):
+    """``forward`` run under ``precision``'s autocast (None and fp32: as it is)."""
+    if forward is None or precision == "fp32" or getattr(forward, "precision", None) == precision:
+        return forward
+
+    def run(*args, **kwargs):
+        with autocast(device, precision):
+            return forward(*args, **kwargs)
+
+    run.precision = precision
+    return run
 
 
 def prepare_run(cfg: RunConfig, progress=None) -> RunSetup:
@@ -148,8 +164,8 @@ def evaluate(setup: RunSetup, dp: Optional[DataParallel] = None) -> dict:
         n = len(probes)
         lo = n * dp.rank // dp.world if dp else 0
         mine = dp.shard(probes) if dp else probes
-        with autocast(setup.device, setup.cfg.train.precision):
-            scores = probe_scores(setup.model, mine, setup.pad_id, bs, setup.device) if mine else []
+        # in fp32 whatever train.precision (trainables/metrics.py says why)
+        scores = probe_scores(setup.model, mine, setup.pad_id, bs, setup.device) if mine else []
         per_fact = torch.zeros(2, n, dtype=torch.float64)  # accuracy, exact match; each rank fills its shard
         if scores:
             per_fact[:, lo:lo + len(scores)] = torch.tensor(scores, dtype=torch.float64).T
@@ -172,7 +188,6 @@ def initial_evaluation(setup: RunSetup, dp: Optional[DataParallel] = None, cache
 
     import transformers
 
-    from .checkpoint import exclusive
     from .models import model_key
 
     cfg = config_to_dict(setup.cfg)
@@ -183,18 +198,39 @@ def initial_evaluation(setup: RunSetup, dp: Optional[DataParallel] = None, cache
              "to_learn": [f.uuid for f in setup.split.to_learn], "ntf": [f.uuid for f in setup.split.ntf],
              "device": str(setup.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
              "transformers": transformers.__version__}
-    path = Path(cache) / (hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + ".json")
-    with exclusive(path):  # trials started together: one evaluates, the other waits and reads
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-                if saved.get("ident") == ident:
-                    return saved["evaluation"]
-            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
-                pass
+    name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + ".json"
+    if isinstance(cache, (str, Path)):
+        cache = DirCache(Path(cache))
+    with cache.lock(name):  # trials started together (on one machine): one evaluates, the other waits and reads
+        saved = cache.read(name)
+        if isinstance(saved, dict) and saved.get("ident") == ident and "evaluation" in saved:
+            return saved["evaluation"]
         ev = evaluate(setup, dp)
-        write_json_atomic(path, {"ident": ident, "evaluation": ev})
+        cache.write(name, {"ident": ident, "evaluation": ev})
     return ev
+
+
+class DirCache:
+    """The epoch-0 evaluations of a study in a directory (a JSON file each, written whole; a lock per file across
+    the processes of this machine). The orchestrator gives trials on a cluster one with the same three methods
+    over the study's storage (orchestrator/storage.py: StorageCache)."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+
+    def lock(self, name: str):
+        from .checkpoint import exclusive
+
+        return exclusive(self.dir / name)
+
+    def read(self, name: str):
+        try:
+            return json.loads((self.dir / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def write(self, name: str, data: dict) -> None:
+        write_json_atomic(self.dir / name, data)
 
 
 # a resumed run may train longer, checkpoint differently, split its batches differently (the same update)
@@ -258,8 +294,12 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     for cb in callbacks:
         cb.on_start(info)
 
-    def finish_epoch(epoch: int, loss: Optional[float], weight: Optional[float]) -> None:
+    epoch_log = EpochLog(out / "epochs.jsonl", start_epoch) if writer and out is not None else None
+
+    def finish_epoch(epoch: int, loss: Optional[float], weight: Optional[float], trained: Optional[dict] = None) -> None:
+        t_eval = time.perf_counter()
         ev = initial_evaluation(setup, dp, initial_eval_cache) if epoch == 0 else evaluate(setup, dp)
+        eval_seconds = time.perf_counter() - t_eval
         for k, v in ev.items():
             history[k].append(v)
         history["train_loss"].append(loss)
@@ -278,6 +318,9 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
             "ntf_em": ev["ntf_em"], "train_loss": loss, "mean_weight": weight, "micro_batch_size": micro.size},
             summarize(history["to_learn_acc"], history["ntf_acc"]), wall, written,
             {"to_learn": ev["to_learn_per_fact"], "ntf": ev["ntf_per_fact"]})
+        if epoch_log is not None:  # this epoch's numbers now: a run stopped later still reports it
+            epoch_log.append({**report.flat(), "eval_seconds": eval_seconds, **(trained or {}),
+                              **device_memory(setup.device)})
         for cb in callbacks:
             cb.on_report(report)
 
@@ -287,22 +330,23 @@ def continual_update(cfg: RunConfig, out_dir: Optional[str | Path] = None, callb
     lengths = [len(d.input_ids) for d in setup.docs] if grouping else None
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         batches = epoch_batches(len(setup.docs), cfg.train.batch_size, seeds.batch_order(cfg.seed, epoch), lengths)
-        losses, weights, t0 = [], [], time.perf_counter()
+        # the steps' statistics stay on the device until the epoch ends (no host sync per step; trainables/step.py)
+        stats, t0 = EpochStats(f"epoch {epoch}"), time.perf_counter()
         for step, idx in enumerate(batches):
             gen = torch.Generator().manual_seed(seeds.step(cfg.seed, epoch, step))
             docs = [setup.docs[i] for i in idx]
-            loss, w, n_tok = micro.run(lambda size: train_step(setup, optimizer, docs, gen, dp, replay_round=epoch,
-                                                               step=step, micro_batch_size=size),
-                                       docs, f"epoch {epoch}, step {step}")
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
-            losses.append(loss)
-            weights.append(w)
-            train_tokens += n_tok
+            loss = stats.add(micro.run(lambda size: train_step_stats(setup, optimizer, docs, gen, dp,
+                                                                     replay_round=epoch, step=step,
+                                                                     micro_batch_size=size),
+                                       docs, f"epoch {epoch}, step {step}", generator=gen))
             for cb in callbacks:
                 cb.on_step(epoch, step, len(batches), loss)
-        train_seconds += time.perf_counter() - t0
-        finish_epoch(epoch, mean(losses), mean(weights))
+        losses, weights, n_tok = stats.finish()
+        seconds = time.perf_counter() - t0
+        train_tokens += n_tok
+        train_seconds += seconds
+        finish_epoch(epoch, mean(losses), mean(weights), {"train_seconds": seconds, "train_tokens": n_tok,
+                                                          "steps": len(batches)})
 
     metrics = dict(history)
     metrics.update(summarize(history["to_learn_acc"], history["ntf_acc"]))

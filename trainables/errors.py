@@ -12,7 +12,12 @@ class InputError(Exception):
     def __init__(self, where: str, message: str):
         self.where = where
         self.message = message
-        super().__init__(f"{where}: {message}" if where else message)
+        # both arguments in ``args``: copy.copy and pickle rebuild the error as cls(*args) (Ray copies an error on
+        # its way from a trial to the driver; with one argument the copy failed and the message was lost)
+        super().__init__(where, message)
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
 
 
 def read_text(path) -> str:

@@ -16,6 +16,9 @@ uninterrupted one. The outside world (the CLI, the orchestrator's trial session)
     on_step(unit, step, n_steps, loss)    after every optimisation step (where a time budget is checked)
     on_report(report)                     at every evaluation point, after its checkpoint is written
 
+The continual loop also appends each epoch's numbers to OUT/epochs.jsonl as the epoch ends (:class:`EpochLog`), so
+a run stopped at any point (a time limit, a kill) still reports every finished epoch.
+
 :class:`Report` says which loop and where: ``kind`` "epoch" (the continual loop; index 0 is the evaluation
 before training), "check" (meta-training; index = the meta-step validated), "period" (TemporalWiki; index =
 the period, 0 the first).
@@ -24,7 +27,11 @@ the period, 0 the first).
 from __future__ import annotations
 
 import copy
+import json
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from .errors import InputError
@@ -68,7 +75,8 @@ class Callback:
     def on_step(self, unit: int, step: int, n_steps: int, loss: float) -> None:
         """``unit``: the epoch (continual), the period (TemporalWiki) or 0 (meta-training, whose steps are counted
         over the whole run); ``step`` (from 0) of ``n_steps`` within it; ``loss``: the step's loss (meta-training:
-        the meta-batch's objective)."""
+        the meta-batch's objective; the continual loop on a GPU: the latest step's loss that has reached the host,
+        a step or two behind, since no step waits for the device; NaN before the first)."""
 
     def on_report(self, report: Report) -> None: ...
 
@@ -90,3 +98,53 @@ def check_resumable(saved_config: dict, config: dict, ignored: tuple[str, ...], 
     if comparable(saved_config) != comparable(config):
         raise InputError(where, "checkpoint was written by a different configuration (only "
                                 f"{', '.join(ignored)} may change on resume)")
+
+
+class EpochLog:
+    """OUT/epochs.jsonl: one JSON line per finished epoch, appended (and flushed to disk) when the epoch ends. A
+    resumed run keeps the lines before the epoch it resumes at (the ones after its checkpoint are run again); a
+    fresh run starts the file over. A reader skips a last line cut short by a kill (:func:`read_epochs`)."""
+
+    def __init__(self, path: Path, start_epoch: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_epochs(self.path) if r.get("index", 1e9) < start_epoch] if start_epoch else []
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**record, "time": time.time()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_epochs(path: Path) -> list[dict]:
+    """The records of an epochs.jsonl (none when it is missing; a last line cut short is skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def device_memory(device) -> dict:
+    """The device's peak memory since the last call (CUDA: allocated and reserved by PyTorch's allocator, then the
+    peak is reset) and the process's peak resident memory, in GB."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)}
+    if torch.device(device).type == "cuda":
+        out.update(gpu_peak_allocated_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3),
+                   gpu_peak_reserved_gb=round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 3))
+        torch.cuda.reset_peak_memory_stats(device)
+    return out

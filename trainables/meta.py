@@ -66,8 +66,9 @@ class MetaOptions(_Strict):
     # vmap: examples per vmapped group; the groups' φ-gradients are summed into the meta-batch's mean (the
     # same mathematics; the second-order graph alive at once, hence the peak memory, scales with the group)
     vmap_chunk: Optional[int] = Field(None, ge=1)
-    # the forward passes of θ and φ inside the meta-step and its validation: fp32, or bf16 autocast (the first- and
-    # second-order gradients flow through autocast's casts; parameters and optimizers stay fp32)
+    # the forward passes of θ and φ inside the meta-step and its validation's training: fp32, or bf16 autocast (the
+    # first- and second-order gradients flow through autocast's casts; parameters and optimizers stay fp32); the
+    # validation's probe accuracy is judged in fp32 either way
     precision: Literal["fp32", "bf16"] = "fp32"
 
     @field_validator("inner_optimizer")

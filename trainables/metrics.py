@@ -7,10 +7,16 @@ object as it appears inside the sentence (e.g. " Chile" with its leading space).
 Prediction is teacher-forced and greedy: the token at position p is predicted from the logits at p-1.
 A token counts as correct only when its logit is strictly the largest: a tie with another token is
 not a correct prediction (the release's code could mis-align on ties; here ties are explicit).
+
+Evaluation runs in fp32 whatever the training precision (autocast off around the forward): bf16 logits are 0.125
+apart near 16-32, so under bf16 ties and swapped top-two logits would change which facts count as known (epoch 0
+below 1.0 on NOT-TO-FORGET, tables not comparable with fp32 runs; bench/eval_precision.py measures it). Upcasting
+only the logits does not help: the ties come from the bf16 matmuls before the head.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,9 +55,10 @@ def strict_argmax_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def probe_scores(model, probes: Sequence[EncodedProbe], pad_id: int, batch_size: int = 32,
-                 device: torch.device | str = "cpu") -> list[tuple[float, float]]:
+                 device: torch.device | str = "cpu", fp32_forward: bool = True) -> list[tuple[float, float]]:
     """(token accuracy, exact match) per probe. Only the logits at the object positions leave the model's device
-    (a batch's full [B, T, vocabulary] logits never do), and they are judged there."""
+    (a batch's full [B, T, vocabulary] logits never do), and they are judged there. ``fp32_forward``: autocast off
+    (the module docstring); False runs under the caller's autocast (bench/eval_precision.py compares)."""
     was_training = model.training
     model.eval()
     out: list[tuple[float, float]] = []
@@ -69,7 +76,9 @@ def probe_scores(model, probes: Sequence[EncodedProbe], pad_id: int, batch_size:
                 cols += p.positions
                 sizes.append(len(p.positions))
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            fp32 = torch.autocast(device_type=ids.device.type, enabled=False) if fp32_forward else nullcontext()
+            with fp32:
+                logits = model(input_ids=ids, attention_mask=mask).logits
             r, c = torch.tensor(rows, device=ids.device), torch.tensor(cols, device=ids.device)
             correct = strict_argmax_correct(logits[r, c - 1].float(), ids[r, c]).cpu()
             for part in correct.split(sizes):

@@ -74,9 +74,9 @@ def validate_phi(inner: Inner, phi: TrainAttention, examples: Sequence[MetaExamp
                                         lambda p, ww: inner.doc_loss(p, b["input_ids"], b["attention_mask"], ww),
                                         w, first_order=1, differentiable=0)
     params = {k: v.detach() for k, v in params.items()}
-    with inner.autocast(device):
-        scores = probe_scores(_FunctionalLM(inner.model, params), [ex.probe for ex in examples],
-                              tokenizer.pad_token_id, 32, device)
+    # judged in fp32 whatever meta.precision (trainables/metrics.py: bf16 ties change which probes count as right)
+    scores = probe_scores(_FunctionalLM(inner.model, params), [ex.probe for ex in examples],
+                          tokenizer.pad_token_id, 32, device)
     return {"val_acc": mean([a for a, _ in scores]), "val_em": mean([e for _, e in scores]), **focus}
 
 

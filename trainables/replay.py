@@ -115,8 +115,8 @@ class GeRe(Replay):
         return self.cfg.gere.layers or [n_states - 1]
 
     def extra_loss(self, run, out, batch):
-        rows = batch["replay_rows"]
-        if not rows.any():
+        rows = replayed_rows(batch)
+        if rows is None:
             return None
         g = self.cfg.gere
         ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
@@ -136,9 +136,11 @@ def feature_penalty(h: torch.Tensor, h_ref: torch.Tensor, mask: torch.Tensor, ki
                     threshold: float = 0.0) -> torch.Tensor:
     """GeRe's constraint of hidden states ``h`` [B, T, H] to the frozen model's ``h_ref`` on real tokens:
     ``margin`` = threshold-margin mean(relu(|h - h_ref| - τ)) (zero while every feature stays within τ),
-    ``l1`` mean |h - h_ref|, ``l2`` mean (h - h_ref)²; means over real tokens and features."""
-    m = mask.unsqueeze(-1).to(h.dtype)
-    d = (h - h_ref) * m
+    ``l1`` mean |h - h_ref|, ``l2`` mean (h - h_ref)²; means over real tokens and features. In float32 at least
+    (bf16 hidden states under autocast: a bf16 sum of the mask counts exactly only up to 256)."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    m = mask.unsqueeze(-1).to(dtype)
+    d = (h.to(dtype) - h_ref.to(dtype)) * m
     if kind == "margin":
         pen = torch.relu(d.abs() - threshold)
     elif kind == "l1":
@@ -179,9 +181,7 @@ class Seekr(Replay):
             attn = out.attentions
             loss = weighted_loss(token_nll(out.logits, b["input_ids"], b["attention_mask"]),
                                  prediction_mask(b["attention_mask"]))
-            grads = torch.autograd.grad(loss, attn, allow_unused=True)
-            s = torch.stack([(g * a).sum(dim=(0, 2, 3)).abs() if g is not None else torch.zeros(a.size(1))
-                             for g, a in zip(grads, attn)]).detach()
+            s = head_sensitivity(torch.autograd.grad(loss, attn, allow_unused=True), attn)
             sens = s if sens is None else sens + s
             before.append([a.detach() for a in attn])
         # trial update on the new documents (restored afterwards): which heads' attention moves
@@ -218,8 +218,8 @@ class Seekr(Replay):
         self.heads = sorted((i // n_heads, i % n_heads) for i in top)
 
     def extra_loss(self, run, out, batch):
-        rows = batch["replay_rows"]
-        if not rows.any() or not self.heads:
+        rows = replayed_rows(batch)
+        if rows is None or not self.heads:
             return None
         ids, mask = batch["input_ids"][rows], batch["attention_mask"][rows]
         ref = run.reference_model(ids, mask, attentions=True)
@@ -230,15 +230,35 @@ class Seekr(Replay):
         return {**super().describe(), "seekr_heads": self.heads}
 
 
+def head_sensitivity(grads, attn) -> torch.Tensor:
+    """SEEKR's task sensitivity of every head, [layers, heads]: |Σ ∂L/∂A ⊙ A| over a batch's attention maps (a layer
+    the loss does not reach: 0, on the maps' device)."""
+    return torch.stack([(g * a).sum(dim=(0, 2, 3)).abs() if g is not None
+                        else torch.zeros(a.size(1), dtype=a.dtype, device=a.device)
+                        for g, a in zip(grads, attn)]).detach()
+
+
 def attention_distillation(attn, ref_attn, heads: list[tuple[int, int]], mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of the selected heads' attention maps (only these heads enter)."""
-    m = mask.to(attn[0].dtype)
+    """Mean squared difference of the selected heads' attention maps (only these heads enter), in float32 at least
+    (bf16 attention maps under autocast: a bf16 sum of the B·T² real pairs counts exactly only up to 256)."""
+    dtype = torch.promote_types(attn[0].dtype, torch.float32)
+    m = mask.to(dtype)
     pair = m.unsqueeze(-1) * m.unsqueeze(-2)  # [B, T, T] real query/key pairs
     total = 0.0
     for layer, head in heads:
-        d = attn[layer][:, head] - ref_attn[layer][:, head]
+        d = attn[layer][:, head].to(dtype) - ref_attn[layer][:, head].to(dtype)
         total = total + (d * d * pair).sum() / pair.sum()
     return total / len(heads)
+
+
+def replayed_rows(batch: dict) -> Optional[slice]:
+    """The replayed documents' rows of a training batch (they come last: ``batch["n_new"]`` new ones first), or None
+    when there are none. A slice, not a boolean mask: indexing with a mask reads it on the host (a device sync)."""
+    n_new, n = batch.get("n_new"), batch["input_ids"].size(0)
+    if n_new is None:  # a batch built outside train_step: its boolean rows, read once
+        rows = batch["replay_rows"]
+        return rows if bool(rows.any()) else None
+    return slice(n_new, n) if n_new < n else None
 
 
 def build_replay(cfg: ReplayConfig, seed: int) -> Replay:

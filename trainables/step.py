@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from typing import Optional, Sequence
@@ -20,17 +19,10 @@ import torch
 
 from .encode import EncodedDoc, collate
 from .loss import EPS, token_nll, weighted_loss
+from .precision import autocast  # noqa: F401 (re-exported: the loops take it from here)
 from .weighting import WeightContext
 
 log = logging.getLogger(__name__)
-
-
-def autocast(device, precision: str):
-    """The forward passes' precision: ``fp32`` (no autocast: the results of every earlier version, bit for bit) or
-    ``bf16`` (torch.autocast to bfloat16 on the device's type; weights, gradients and optimizer stay fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def epoch_batches(n: int, batch_size: int, order_seed: int, lengths: Optional[Sequence[int]] = None,
@@ -61,6 +53,25 @@ def _split(docs: list, parts: int) -> list[list]:
 # ``setup`` is a trainables.continual.RunSetup, ``dp`` its DataParallel (not imported: continual imports this module)
 def train_step(setup, optimizer, batch_docs: list[EncodedDoc], generator, dp=None, *, replay_round: int, step: int,
                micro_batch_size: Optional[int] = None) -> tuple[float, float, int]:
+    """:func:`train_step_stats`, its statistics read on the host (one device sync): (loss, mean weight over real
+    positions of the new documents, number of real tokens), all global."""
+    return step_numbers(train_step_stats(setup, optimizer, batch_docs, generator, dp, replay_round=replay_round,
+                                         step=step, micro_batch_size=micro_batch_size))
+
+
+def step_numbers(stats: torch.Tensor) -> tuple[float, float, int]:
+    """A step's statistics [4] (loss, Σw of the new documents, their real positions, real tokens) as
+    (loss, mean weight, real tokens)."""
+    return _numbers(stats.tolist())
+
+
+def _numbers(row: list[float]) -> tuple[float, float, int]:
+    loss, w, positions, tokens = row
+    return loss, w / max(positions, 1.0), int(tokens)
+
+
+def train_step_stats(setup, optimizer, batch_docs: list[EncodedDoc], generator, dp=None, *, replay_round: int,
+                     step: int, micro_batch_size: Optional[int] = None) -> torch.Tensor:
     """One weighted update on a global batch (this worker's shard of it under data parallelism), with
     the replay method's documents mixed in and every component's extra loss added. ``replay_round`` and
     ``step`` key the replayed documents' draw: the epoch in a continual run, ``seeds.period_round(period,
@@ -70,7 +81,8 @@ def train_step(setup, optimizer, batch_docs: list[EncodedDoc], generator, dp=Non
     each micro-batch's mean loss is scaled by its share of the global batch, so the update is the whole batch's
     (the weighted LM loss exactly; replay losses normalised per token, GeRe's and SEEKR's, become per-micro-batch
     means, as under data parallelism; the random scheme draws its weights micro-batch by micro-batch).
-    Returns (loss, mean weight over real positions of the new documents, number of real tokens), all global."""
+    Returns the step's statistics as a float64 tensor [4] on θ's device, global (:func:`step_numbers`): nothing in
+    the step waits for the device (no host sync; tests/test_gpu_path.py runs it on PyTorch's meta device)."""
     replayed = setup.replay.sample(len(batch_docs), replay_round, step)
     n_global = len(batch_docs) + len(replayed)
     mine_new = dp.shard(batch_docs) if dp else batch_docs
@@ -78,7 +90,8 @@ def train_step(setup, optimizer, batch_docs: list[EncodedDoc], generator, dp=Non
     mine = len(mine_new) + len(mine_rep)
     parts = max(1, math.ceil(mine / micro_batch_size)) if micro_batch_size and mine else 1
     optimizer.zero_grad(set_to_none=True)
-    stats = torch.zeros(4, dtype=torch.float64)  # loss, Σw (new docs), real positions (new docs), real tokens
+    # loss, Σw (new docs), real positions (new docs), real tokens
+    stats = torch.zeros(4, dtype=torch.float64, device=setup.device)
     for i, (new, rep) in enumerate(zip(_split(mine_new, parts), _split(mine_rep, parts))):
         if new or rep:
             stats += _forward_backward(setup, new, rep, n_global, len(replayed), generator, dp, regularize=i == 0)
@@ -91,28 +104,30 @@ def train_step(setup, optimizer, batch_docs: list[EncodedDoc], generator, dp=Non
     if setup.cfg.train.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(list(setup.trainable.values()), setup.cfg.train.max_grad_norm)
     optimizer.step()
-    return stats[0].item(), stats[1].item() / max(stats[2].item(), 1.0), int(stats[3].item())
+    return stats
 
 
 def _forward_backward(setup, new: list[EncodedDoc], rep: list[EncodedDoc], n_global: int,
                       n_replayed: int, generator, dp, regularize: bool) -> torch.Tensor:
     """Forward, weights, loss (scaled by these documents' share of the global batch) and backward of one
-    (micro-)batch of new and replayed documents; returns its 4 statistics (one device-to-host copy)."""
+    (micro-)batch of new and replayed documents (the replayed ones last); returns its 4 statistics on the device."""
     mine = new + rep
-    batch = {k: v.to(setup.device) for k, v in collate(mine, setup.pad_id).items()}
-    replay = setup.replay
+    # from pageable host memory: the copy returns once staged, without waiting for the device's queue
+    batch = {k: v.to(setup.device, non_blocking=True) for k, v in collate(mine, setup.pad_id).items()}
+    replay, n_new = setup.replay, len(new)
     with autocast(setup.device, setup.cfg.train.precision):
         out = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           output_hidden_states=replay.needs_hidden, output_attentions=replay.needs_attentions)
     nll = token_nll(out.logits, batch["input_ids"], batch["attention_mask"])
     ctx = WeightContext(batch["input_ids"], batch["attention_mask"], nll.detach(),
                         logits=out.logits.detach() if setup.weighting.needs_logits else None,
-                        object_mask=batch["object_mask"], generator=generator)
+                        object_mask=batch["object_mask"], generator=generator,
+                        documents=[tuple(d.input_ids) for d in mine])
     w, den = setup.weighting.weights_and_normaliser(ctx)  # den: None unless a scheme normalises itself
     w = w.to(nll.device)
     replay_rows = torch.zeros(len(mine), dtype=torch.bool, device=nll.device)
-    replay_rows[len(new):] = True
-    batch["replay_rows"] = replay_rows
+    replay_rows[n_new:] = True
+    batch["replay_rows"], batch["n_new"] = replay_rows, n_new  # rows n_new: are replayed (sliced, never masked)
     if rep:  # replayed documents are trained with the plain LM loss
         w = torch.where(replay_rows.unsqueeze(1), ctx.pred_mask.to(w.dtype), w)
         if den is not None:  # ... normalised by Σw
@@ -121,16 +136,57 @@ def _forward_backward(setup, new: list[EncodedDoc], rep: list[EncodedDoc], n_glo
     loss = weighted_loss(nll, w, den) * (len(mine) / n_global)
     # the replay term is a mean over the replayed documents: this part's share of it; a regulariser's
     # term is one per step (the first micro-batch carries it), and the workers' gradients are summed
-    extra = replay.extra_loss(setup, out, batch)
+    extra = replay.extra_loss(setup, out, batch) if rep else None
     if extra is not None:
         loss = loss + extra * (len(rep) / max(n_replayed, 1))
     extra = setup.regularizer.extra_loss(setup, out, batch) if regularize else None
     if extra is not None:
         loss = loss + extra / (dp.world if dp else 1)
     loss.backward()
-    new_mask = ctx.pred_mask[~replay_rows]
-    return torch.stack([loss.detach().double(), w[~replay_rows].sum().double(), new_mask.sum().double(),
-                        ctx.pred_mask.sum().double()]).cpu()
+    mask = ctx.pred_mask
+    return torch.stack([loss.detach().double(), w[:n_new].sum().double(), mask[:n_new].sum().double(),
+                        mask.sum().double()])
+
+
+class EpochStats:
+    """An epoch's step statistics kept on the device, read on the host once, at the epoch's end (:meth:`finish`).
+    While it runs, :meth:`add` returns the loss of the latest step whose statistics have reached the host (on CUDA a
+    non-blocking copy read once its event has passed: no step waits for the device; on the CPU the step's own) and
+    raises on a non-finite loss as soon as it is read."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.steps: list[torch.Tensor] = []
+        self.pending: list[tuple[int, torch.Tensor, Optional[object]]] = []
+        self.loss = float("nan")
+
+    def add(self, stats: torch.Tensor) -> float:
+        self.steps.append(stats)
+        if stats.device.type == "cuda":
+            host = stats.to("cpu", non_blocking=True)  # into pinned memory, queued after the step
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((len(self.steps) - 1, host, event))
+        else:
+            self.pending.append((len(self.steps) - 1, stats, None))
+        while self.pending and (self.pending[0][2] is None or self.pending[0][2].query()):
+            i, host, _ = self.pending.pop(0)
+            self.loss = self._check(i, float(host[0]))
+        return self.loss
+
+    def _check(self, step: int, loss: float) -> float:
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at {self.where}, step {step}")
+        return loss
+
+    def finish(self) -> tuple[list[float], list[float], int]:
+        """Every step's loss and mean weight, and the epoch's real tokens (one device sync)."""
+        if not self.steps:
+            return [], [], 0
+        rows = [_numbers(r) for r in torch.stack(self.steps).tolist()]
+        for i, (loss, _, _) in enumerate(rows):
+            self._check(i, loss)
+        return [r[0] for r in rows], [r[1] for r in rows], sum(r[2] for r in rows)
 
 
 class StepOutOfMemoryError(RuntimeError):
@@ -148,12 +204,14 @@ class MicroBatching:
         self.size = min(micro_batch_size or batch_size, batch_size)
         self.events: list[dict] = []
 
-    def run(self, fn, docs: Sequence[EncodedDoc], where: str):
-        """``fn(micro_batch_size)``: one step; returns what it returns."""
+    def run(self, fn, docs: Sequence[EncodedDoc], where: str, generator: Optional[torch.Generator] = None):
+        """``fn(micro_batch_size)``: one step; returns what it returns. ``generator``: the step's own generator (the
+        random scheme's), restored with torch's global ones before a retry."""
         from .checkpoint import rng_state, set_rng_state
 
         while True:
             rng = rng_state()
+            own = generator.get_state() if generator is not None else None
             failed = None
             try:
                 return fn(None if self.size >= self.batch_size else self.size)
@@ -168,6 +226,8 @@ class MicroBatching:
                     f"CUDA out of memory in {what}; " + ("train.oom: halve_batch retries with smaller micro-batches"
                                                         if self.policy != "halve_batch" else "nothing left to halve"))
             set_rng_state(rng)
+            if own is not None:
+                generator.set_state(own)
             smaller = math.ceil(self.size / 2)
             self.events.append({"where": where, "from": self.size, "to": smaller, "tokens": width, "error": failed})
             log.warning("CUDA out of memory in %s; the step runs again in micro-batches of %d documents (gradient "

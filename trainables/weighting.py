@@ -25,6 +25,7 @@ from .component import Component
 from .config import WeightingConfig, scheme_names
 from .errors import InputError
 from .loss import EPS, prediction_mask, token_nll
+from .precision import autocast
 from .registry import SCHEMES
 from .train_attention import load_phi
 
@@ -36,6 +37,7 @@ class SchemeEnv:
     tokenizer: object = None
     device: object = "cpu"
     dtype: str = "float32"  # θ's dtype (model.dtype): a reference model of a scheme's own is loaded in it
+    precision: str = "fp32"  # θ's forward precision (train.precision): a reference model runs under the same autocast
     # nll of the frozen reference model θ_ref (the initial θ) on a batch: (input_ids, attention_mask) -> [B, T-1]
     reference_model_nll: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
@@ -48,6 +50,7 @@ class WeightContext:
     logits: Optional[torch.Tensor] = None  # [B, T, V] current θ, detached
     object_mask: Optional[torch.Tensor] = None  # [B, T] 1 on the object's tokens (last occurrence)
     generator: Optional[torch.Generator] = None  # seeded per step (random scheme)
+    documents: Optional[list[tuple]] = None  # each row's real token ids, known on the host (no device read needed)
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -183,7 +186,7 @@ class Rho1(Scheme):
         ref = ctx._cache.get("ref_nll")
         if ref is None:
             if self.reference is not None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(ctx.input_ids.device, self.env.precision):
                     out = self.reference(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask)
                 ref = token_nll(out.logits, ctx.input_ids, ctx.attention_mask)
             elif self.env.reference_model_nll is None:
@@ -214,7 +217,7 @@ class Rho1(Scheme):
             for b, d in enumerate(chunk):
                 ids[b, :len(d)] = torch.tensor(d[:width])
                 mask[b, :len(d)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with torch.no_grad():
                 probs = target_probs(self._initial(ids, mask).logits, ids)
             for d, row in zip(chunk, probs):
@@ -223,16 +226,18 @@ class Rho1(Scheme):
     def _reference_probs(self, ctx) -> torch.Tensor:
         """p_ref [B, T-1] as the release compares it with p_θ."""
         if self.reference is not None:  # rho_model_train: the reference model on the batch itself
-            with torch.no_grad():
+            with torch.no_grad(), autocast(ctx.input_ids.device, self.env.precision):
                 out = self.reference(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask)
             return target_probs(out.logits, ctx.input_ids)
-        docs = [tuple(ctx.input_ids[b][ctx.attention_mask[b].bool()].tolist()) for b in range(ctx.input_ids.size(0))]
+        docs = ctx.documents  # the training step knows them on the host; read from the device otherwise
+        if docs is None:
+            docs = [tuple(ctx.input_ids[b][ctx.attention_mask[b].bool()].tolist()) for b in range(ctx.input_ids.size(0))]
         self.fill_table(docs, ctx.input_ids.device)  # documents not seen at setup (replayed ones): once each
         width = ctx.input_ids.size(1) - 1
         if width > self.options.rho1.table_length - 1:
             raise ValueError(f"a batch {width + 1} tokens wide is longer than the rho1 table "
                              f"({self.options.rho1.table_length}): raise weighting.rho1.table_length")
-        return torch.stack([self.table[d][-width:] for d in docs]).to(ctx.input_ids.device)
+        return torch.stack([self.table[d][-width:] for d in docs]).to(ctx.input_ids.device, non_blocking=True)
 
     # -- weights and normaliser ----------------------------------------------------------------------------
     def __call__(self, ctx):
@@ -241,17 +246,14 @@ class Rho1(Scheme):
             return index_as_rank(score, self.options.rho1.k) * ctx.pred_mask
         ref = self._reference_nll(ctx)
         mask = ctx.pred_mask
-        excess = torch.where(mask > 0, ctx.nll - ref, torch.full_like(ctx.nll, -math.inf))
-        w = torch.zeros_like(mask)
-        keep_frac = 1.0 - self.options.rho1.k
-        for b in range(mask.size(0)):
-            n = int(mask[b].sum().item())
-            keep = int(math.ceil(keep_frac * n)) if n else 0
-            if keep:
-                # stable sort: ties broken by position, so the selection is deterministic
-                order = torch.sort(excess[b], descending=True, stable=True).indices[:keep]
-                w[b, order] = 1.0
-        return w * mask
+        excess = torch.where(mask > 0, ctx.nll - ref.to(ctx.nll.dtype), torch.full_like(ctx.nll, -math.inf))
+        # keep ceil((1-k)·n) of a row's n real positions (in float64, as Python's float), the rest -inf sorts last;
+        # stable sort: ties broken by position, so the selection is deterministic. All rows at once, on the device.
+        keep = torch.ceil(mask.sum(dim=1, dtype=torch.float64) * (1.0 - self.options.rho1.k))
+        order = torch.sort(excess, dim=1, descending=True, stable=True).indices
+        positions = torch.arange(order.size(1), device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)  # each position's place in its row's order
+        return (rank < keep.unsqueeze(1)).to(mask.dtype) * mask
 
     def normaliser(self, ctx, others):
         """The release's k · (real tokens) (evaluation_run.py:245), counting the other schemes' weight instead of
@@ -286,14 +288,16 @@ class Random(Scheme):
 
     def __call__(self, ctx):
         mask = ctx.pred_mask
-        u = torch.rand(mask.shape, generator=ctx.generator)
+        # drawn where the step's generator lives (the CPU: the same draws on every device), used where the mask is
+        at = ctx.generator.device if ctx.generator is not None else torch.device("cpu")
+        u = torch.rand(mask.shape, generator=ctx.generator, device=at).to(mask.device, non_blocking=True)
         if self.options.random.mode == "uniform" and self.match_scheme is None:
             return u * mask
         if self.match_scheme is not None:
             ref_w = self.match_scheme(ctx)
             p = (ref_w.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
         else:
-            p = torch.full((mask.size(0), 1), self.options.random.p)
+            p = torch.full((mask.size(0), 1), self.options.random.p, device=mask.device)
         return (u < p).to(torch.float32) * mask
 
 
