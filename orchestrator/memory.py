@@ -42,6 +42,8 @@ A_H, A_M = 16, 4
 # 2.5-2.6 GB vmapped whatever the meta-batch, length or validation batch; 1.1 GB one example at a time), not
 # measured on a larger model: the stage runs alone, the figure decides what Ray reserves for it and the warning
 META_FIXED_GB = {"vmap": 2.05, "sequential": 0.6}
+# TemporalWiki's diff set: building its Arrow cache (one streamed batch, 0.17-0.18 GB measured) or the pages of the
+TW_DATA_GB = 0.2  # last twdata.REMAP_EVERY batches read from it (<= 0.03 GB): bench/temporalwiki_data.py
 
 SMOLLM2_135M = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "vocab_size": 49152,
                 "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
@@ -196,7 +198,7 @@ def estimate_trial(cfg: dict, lean: bool = True, keep_weights_gb: float = 2.0,
     step = _activations(arch, B, T, b) + _logits(arch, B, T, 3)
     evaluation = _logits(arch, int(ev.get("batch_size", 32)), min(T, 64), 2)
     parts = {"runtime": RUNTIME_GB * GB, "weights": weights * copies, "trainable state": trainable,
-             "activations": max(step, evaluation)}
+             "activations": max(step, evaluation), "diff-set cache": TW_DATA_GB * GB if cfg.get("temporalwiki") else 0}
     return Estimate(sum(parts.values()), parts,
                     gpu_bytes(weights * (copies - host_only), trainable, max(step, evaluation)))
 

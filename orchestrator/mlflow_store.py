@@ -64,7 +64,8 @@ def run_params(cfg: dict, axes: dict | None = None, **extra) -> dict:
     tw = cfg.get("temporalwiki")
     if isinstance(tw, dict):
         out["temporalwiki.periods"] = ",".join(str(p.get("name")) for p in tw.get("periods") or [])
-        out.update({f"temporalwiki.{k}": tw[k] for k in ("epochs_per_period", "probe_size", "diff_size")
+        out.update({f"temporalwiki.{k}": tw[k] for k in ("epochs_per_period", "probe_size", "diff_size",
+                                                                   "max_docs_per_period", "filter", "long_docs")
                     if tw.get(k) is not None})
     out.update(axes or {})
     out.update(extra)

@@ -41,6 +41,12 @@ def test_params_are_the_axes_and_what_a_reader_needs_not_the_whole_config():
     q = run_params(tw, {"params.dropout": 0.2}, seed=1)
     assert q["params.dropout"] == 0.2 and q["temporalwiki.periods"] == "0910,1011"
     assert q["temporalwiki.epochs_per_period"] == 2 and "temporalwiki.probe_size" not in q  # None: not logged
+    # the sample a small machine trains on, the filter and the long-document rule (issue 31)
+    tw = dict(cfg, temporalwiki={"periods": [{"name": "0910"}], "max_docs_per_period": 4096, "filter": "taalm",
+                                 "long_docs": "truncate"})
+    q = run_params(tw, seed=0)
+    assert (q["temporalwiki.max_docs_per_period"], q["temporalwiki.filter"], q["temporalwiki.long_docs"]) == \
+        (4096, "taalm", "truncate")
 
 
 def _mlflow_ui_bundle() -> str:
