@@ -6,7 +6,8 @@ Each case runs in a child process of its own, one after another (never two at on
 epoch (one meta-step check for meta-training) the way a lean trial runs it (torch threads 1, the warm process's
 kept copy of the base weights), then the child reads its peak resident memory (``ru_maxrss``). ``runtime`` is the
 same child importing what a trial imports (torch, transformers, Ray, the loops) and loading the tokenizer only; the
-formula's R (RUNTIME_GB) is that inside a Ray worker (measured apart, 0.45 GB), so each case's error compares the
+formula's R (RUNTIME_GB) is that inside a Ray worker (the ``ray_runtime`` case: a fresh worker of a local instance doing
+the same; RUNTIME_GB is its figure, tests/test_docs_figures.py checks it against the JSON), so each case's error compares the
 estimate with R replaced by this child's runtime. Memory, not time: the numbers do not depend on the machine's load.
 """
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 CASES = {
     "runtime": None,
+    "ray_runtime": None,  # R itself: a Ray worker of a local instance doing what "runtime" does (RUNTIME_GB)
     "tiny": (["model.name=tiny", "params.kind=full", "data.split=release", "data.to_learn_size=8", "data.ntf_size=8",
               "data.max_doc_tokens=64", "train.epochs=1", "train.batch_size=4", "train.max_length=64",
               "eval.batch_size=16"], "continual"),
@@ -38,6 +40,38 @@ CASES = {
     "meta_tiny_t24": (["meta.max_length=24"], "meta"),
     "meta_tiny_val2": (["meta.val_batch_size=2"], "meta"),
 }
+
+
+def _runtime_in_worker() -> float:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(1)
+    import ray.train  # noqa: F401  (a Tune trial's actor has Tune and Train imported)
+    import ray.tune  # noqa: F401
+
+    import orchestrator.ray_trainables  # noqa: F401  (the trial driver, as a trial's worker imports it)
+    from trainables.config import ModelConfig
+    from trainables.continual import continual_update  # noqa: F401
+    from trainables.meta import meta_train  # noqa: F401
+    from trainables.models import load_tokenizer
+
+    load_tokenizer(ModelConfig(name="tiny"))
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
+
+
+def ray_worker_runtime() -> float:
+    """The peak RSS (GB) of a fresh Ray worker (a local instance of one CPU, the worker's environment as a trial's)
+    after it imported what a trial imports and loaded the tokenizer: the formula's R (RUNTIME_GB)."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        return ray.get(ray.remote(num_cpus=1)(_runtime_in_worker).remote())
+    finally:
+        ray.shutdown()
 
 
 def child(case: str) -> None:
@@ -56,6 +90,10 @@ def child(case: str) -> None:
     from orchestrator.memory import estimate_meta, estimate_trial
 
     out = {}
+    if case == "ray_runtime":
+        out["peak_rss_gb"] = ray_worker_runtime()
+        print("RESULT " + json.dumps(out))
+        return
     if CASES[case] is None:
         from trainables.config import ModelConfig
 

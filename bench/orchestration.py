@@ -89,7 +89,9 @@ def child(kind: str, d: Path, epochs: int, to_learn: int, result: Path) -> None:
         t0 = time.perf_counter()
         continual_update(cfg, out_dir=d / "direct", callbacks=[First()])
     else:
-        class FirstResult(tune.Callback):
+        from orchestrator.progress import Progress
+
+        class FirstResult(tune.Callback, Progress):  # the progress protocol (its lines unused) and Tune's events
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 first.append(time.perf_counter())
 
@@ -151,8 +153,11 @@ def table9_grid(epochs: int, d: Path) -> dict:
     overrides = ["overrides.model.name=tiny", "overrides.data.split=release", f"overrides.train.epochs={epochs}",
                  "name=bench_table9_tiny"]
     spec, trials, meta_cfg = load_grid(TABLE9, overrides)
-    # not timed: one Finetune trial, so the meta stage has put the shipped φ in the cache for the direct runs
-    run_ablation(TABLE9, overrides + ["axes={weighting.scheme: [uniform]}"], out_root=d / "warmup", address="local")
+    # not timed: one TAALM trial of one epoch, so that the meta stage has put φ in the cache for the direct runs (a
+    # grid without a φ row runs no meta stage: from an empty cache the direct TAALM runs had no φ)
+    run_ablation(TABLE9, overrides + ["axes={weighting.scheme: [train_attention]}", "overrides.train.epochs=1",
+                                      "baseline=TAALM"],
+                 out_root=d / "warmup", address="local")
     ray.shutdown()
     phi = phi_location(meta_cfg, meta_cfg["seed"], meta_data_hash(meta_cfg))[1] / "phi"
     direct = {}

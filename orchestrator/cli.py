@@ -235,6 +235,7 @@ def report(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
                                          help="Report every trial over its first N epochs only (Top Acc, NF Acc, "
                                               "paired differences recomputed from the per-epoch results)."),
+    nf_epoch: Optional[int] = typer.Option(None, "--nf-epoch", min=0, help="Also compare NF Acc at this epoch."),
 ):
     """Build the table (Markdown, CSV, Parquet), paired differences, curves and Pareto plot from MLflow."""
     from orchestrator.report_files import write_report
@@ -250,7 +251,8 @@ def report(
         sources = [(r.tracking_uri, r.name) for r in records]
         baseline = baseline or records[0].baseline
     views = [] if tracking_uri and experiment else [_view_line(d, uri) for d, (uri, _) in zip(studies, sources)]
-    rep = write_report(*sources[0], out or studies[0] / "report", baseline, more=sources[1:], epochs=epochs)
+    rep = write_report(*sources[0], out or studies[0] / "report", baseline, more=sources[1:], epochs=epochs,
+                       nf_epoch=nf_epoch)
     print(rep["markdown"])
     console.print(f"-> {rep['dir']}/ (table.md, table.csv, table.parquet, trials.parquet, paired.csv, curves.png, "
                   f"pareto.png)", highlight=False, soft_wrap=True)

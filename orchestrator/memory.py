@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from .gpu_plan import GB, gpu_bytes
-RUNTIME_GB = 0.45  # measured: a Ray worker that imported what a trial imports, before it loads a model (bench/memory_estimate.py)
+RUNTIME_GB = 0.45  # measured: bench/results/memory_estimate.json cases.ray_runtime (a Ray worker that imported what a trial imports, before it loads a model)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 A_H, A_M = 16, 4
 # meta-training: a fixed cost on top of the formula's graph, fitted to `tiny`'s measured peaks (bench/memory_estimate.py:
