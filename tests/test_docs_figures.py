@@ -126,3 +126,20 @@ def test_runtime_gb_is_the_benchs_measurement():
 
     measured = bench("memory_estimate.json")["cases"]["ray_runtime"]["peak_rss_gb"]
     assert RUNTIME_GB == pytest.approx(measured, abs=0.005), (RUNTIME_GB, measured)
+
+
+def test_the_claims_about_taalm_name_their_intervals():
+    """README's and RESULTS' TAALM-vs-Finetune claims are the paired intervals of the committed re-run's report."""
+    import csv
+
+    path = ROOT / "docs" / "artifacts" / "lama_ckl_3seeds" / "core_rerun_epochs3_paired.csv"
+    row = next(r for r in csv.DictReader(path.open()) if r["method"] == "TAALM" and r["baseline"] == "Finetune")
+
+    def interval(key: str) -> str:
+        sign = lambda x: f"{float(x):+.4f}".replace("-", "−")  # noqa: E731
+        return f"{sign(row[key])} [{sign(row[key + '_lo'])}, {sign(row[key + '_hi'])}]"
+
+    for key in ("d_top_acc", "d_total_knowledge", "d_nf_acc", "d_nf_acc_at_epoch"):
+        expect(README, interval(key))
+    expect(RESULTS, "Δ Top Acc **" + interval("d_top_acc") + "**", "Δ Total\nKnowledge **" + interval("d_total_knowledge"),
+           "Δ NF Acc at each method's Top-Acc epoch " + interval("d_nf_acc").split(" [")[0])
