@@ -172,6 +172,20 @@ class NodeLab:
             pass
 
 
+HIDDEN = "/tmp"  # what a worker node does not share with the machine: its own /tmp (Ray's session dir, TAALM_CACHE)
+
+
+def installed_under(hidden: str) -> list[str]:
+    """What a node's processes must read from this machine's disk and that lies under ``hidden`` (a clone and its
+    virtualenv under /tmp, as a CI machine may make them): the repository, the virtualenv, the project it installs
+    (editable: its source) and HOME. These are bound back into the worker's namespace, read as they are here."""
+    import orchestrator
+
+    wanted = {Path(__file__).resolve().parents[1], Path(sys.prefix).resolve(),
+              Path(orchestrator.__file__).resolve().parents[1], Path.home().resolve()}
+    return sorted(str(p) for p in wanted if p.is_dir() and p.is_relative_to(hidden))
+
+
 class RayLab:
     """A Ray cluster on a :class:`NodeLab`: the head on n1 (no CPUs for trials, this machine's disk: where the
     driver runs), worker nodes n2.. each with its own /tmp (so its own Ray session directory and TAALM_CACHE) and
@@ -212,7 +226,7 @@ class RayLab:
     def start_worker(self, i: int) -> None:
         self.lab.run(i, [str(VENV_BIN / "ray"), "start", f"--address={self.address}",
                          f"--node-ip-address={self.lab.ip(i)}", f"--num-cpus={self.worker_cpus:g}"],
-                     env=self.env(i), hide=["/tmp"], share=self.share)
+                     env=self.env(i), hide=[HIDDEN], share=self.share + installed_under(HIDDEN))
 
     def s3_uri(self, prefix: str) -> str:
         return (f"s3://taalm/{prefix}?endpoint_override={self.lab.ip(1)}:9000&scheme=http&region=us-east-1")

@@ -19,6 +19,8 @@ SAMPLES = {
     "trainables.step.StepOutOfMemoryError": ("epoch 1, step 3: a micro-batch of 8 documents did not fit",),
     "orchestrator.faults.StudyStopped": ("cannot write /x/mlflow.db", Path("/x"), 2),
     "orchestrator.faults.TrialProcessLost": ("NodeDiedError: the node running the trial was lost",),
+    # internal to the reader (turned into an InputError naming the row before it leaves trainables/twread.py)
+    "trainables.twread._Invalid": ("a batch whose column is missing, null or not text",),
 }
 
 
