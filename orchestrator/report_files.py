@@ -49,6 +49,8 @@ def markdown(tab: list[dict], protocol: str = "lama_ckl") -> str:
         m, s = e[k], e[k + "_std"]
         if m != m:
             return "n/a"
+        if e["seeds"] < 2:  # one value: no spread over seeds to show (a "± 0" would claim one)
+            return f"{m:.2f}" if k.endswith("_ppl") else f"{m:.1f}" if k == "top_epoch" else f"{m:.4f}"
         if k.endswith("_ppl"):
             return f"{m:.2f} ± {s:.2f}"
         return f"{m:.1f} ± {s:.1f}" if k == "top_epoch" else f"{m:.4f} ± {s:.4f}"
@@ -63,6 +65,10 @@ def markdown(tab: list[dict], protocol: str = "lama_ckl") -> str:
         if note:  # the Top Acc of a row that learned nothing is not a result: say so where the number is
             cells[0] = f"{cells[0]} — **{note}**"
         lines.append(f"| {e['method']} | " + " | ".join(cells) + f" | {e['seeds']} | {e['failed']} |")
+    single = [e["method"] for e in tab if e["seeds"] == 1]
+    if single:
+        lines += ["", f"One seed for {', '.join(single)}: no spread over seeds (a number without ±), so a comparison "
+                      "involving these rows is not conclusive; more seeds: `--set seeds=[0,1,2]`."]
     if not tw and any(not_learned_note(e) for e in tab):
         lines += ["", "*did not learn within N epochs*: the trial's TO-LEARN accuracy never exceeded its epoch-0 value "
                       "by more than one fact (1 / TO-LEARN facts) in epochs 1..N: its Top Acc, Epoch and NF Acc "

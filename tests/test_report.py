@@ -168,6 +168,25 @@ def test_the_table_marks_rows_that_did_not_learn_and_keeps_the_numbers():
     assert "did not learn" not in markdown(table(rows), protocol="temporalwiki")
 
 
+def test_a_row_of_one_seed_shows_no_spread_and_the_table_says_it_is_not_conclusive():
+    """A standard deviation over one seed is not 0, it is not there: the row prints its numbers without "±" and the
+    table says which rows have one seed and that comparing them is not conclusive (LAMA-CKL and TemporalWiki)."""
+    from orchestrator.report import table
+    from orchestrator.report_files import markdown
+
+    one = 1 / 64
+    rows = [_trial("Finetune", s, [0, one, 3 * one, 2 * one]) for s in range(3)] + \
+        [_trial("TAALM", 0, [0, 4 * one, 5 * one, 5 * one])]
+    md = markdown(table(rows))
+    lines = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert "±" in lines["Finetune"] and "±" not in lines["TAALM"]
+    assert f"| {5 * one:.4f} |" in lines["TAALM"]  # its Top Acc, as measured
+    assert "One seed for TAALM:" in md and "not conclusive" in md
+    assert "One seed" not in markdown(table(rows[:3]))
+    tw = markdown(table([_trial("Finetune", 0, [0, one])]), protocol="temporalwiki")
+    assert "±" not in [ln for ln in tw.splitlines() if ln.startswith("| Finetune")][0] and "One seed for Finetune" in tw
+
+
 def test_the_study_run_description_and_files_carry_the_mark(tmp_path):
     """write_report on a real MLflow store: the printed table and the study run's description say "did not
     learn", table.csv keeps Top Acc numeric with the count in a column of its own, trials.parquet per trial."""

@@ -104,6 +104,39 @@ def test_the_cache_is_built_once_and_reused(generated, cache, tokenizer, monkeyp
     assert datasets.config.HF_HUB_OFFLINE and cache.parent in Path(datasets.config.HF_DATASETS_CACHE).parents
 
 
+KILLED_BUILDER = """
+import os, signal, sys
+from pathlib import Path
+from trainables import twdata
+from trainables.config import ModelConfig
+from trainables.models import load_tokenizer
+
+def killed(path, tokenizer, out, *a):  # the build has begun writing into its temporary directory
+    (Path(out) / "tokens.arrow").write_bytes(b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+twdata._build = killed
+twdata.prepare_diff(Path(sys.argv[1]), load_tokenizer(ModelConfig()), text_column="text", max_length=64,
+                    long_docs="truncate", filter="none", sample=(5, 64), where="test")
+"""
+
+
+def test_a_builder_killed_mid_build_leaves_no_entry_and_the_next_build_clears_its_remains(generated, cache,
+                                                                                            tokenizer):
+    """A trial SIGKILLed while it builds a period's cache entry: no entry appears (nothing half-cached), and the next
+    builder of that entry removes the killed one's temporary directory before building the entry whole."""
+    import os
+
+    r = subprocess.run([sys.executable, "-c", KILLED_BUILDER, str(generated["3k"])], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "TAALM_CACHE": str(cache.parent.parent)})
+    assert r.returncode == -9, r.stderr[-2000:]
+    left = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert len(left) == 1 and ".tmp" in left[0], left  # the killed builder's remains, and no entry
+    built = _prepare(generated["3k"], tokenizer, sample=(5, 64))
+    assert built.stats()["cache"] == "built" and len(built) == 64
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [built.entry.name]
+
+
 def _trial(diff: Path, cache_dir: Path, out: Path) -> dict:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "temporalwiki_data.py"), "trial", "--diff", str(diff),
                         "--max-docs", "64", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,

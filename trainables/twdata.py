@@ -5,7 +5,7 @@ file under ``TAALM_CACHE/temporalwiki/diff/<key>/`` that trials memory-map; read
 every ``REMAP_EVERY`` batches so the pages a trial holds are bounded by the batches, not the file.
 
 A cache entry appears whole or not at all (built in a temporary sibling directory, renamed when complete; one builder
-at a time per entry, under a file lock). `datasets` never reaches the network (offline mode, its own cache under
+at a time per entry, under a file lock; what a builder killed mid-build left is removed by the next builder). `datasets` never reaches the network (offline mode, its own cache under
 TAALM_CACHE)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -104,6 +105,8 @@ def prepare_diff(path: Path, tokenizer, *, text_column: str, max_length: int, lo
         entry.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(entry) + ".lock"):  # a second trial on the same period waits, then reads it
             if not (entry / "manifest.json").is_file():
+                for stale in entry.parent.glob(entry.name + ".tmp*"):  # a builder killed mid-build (we hold the lock)
+                    shutil.rmtree(stale, ignore_errors=True)
                 with atomic_directory(entry) as tmp:
                     _build(path, tokenizer, tmp, json.loads(key), text_column, max_length, long_docs, filter,
                            sample, where)
