@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 from test_structure import cycles
+from test_structure import import_graph as package_import_graph
 
 PKG = Path(__file__).resolve().parents[1] / "orchestrator"
 
@@ -39,23 +40,7 @@ LAYERS = [
 
 def import_graph() -> dict[str, set[str]]:
     """orchestrator module -> the orchestrator modules it imports anywhere in its file."""
-    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__"}
-    graph = {}
-    for p in PKG.glob("*.py"):
-        if p.stem == "__init__":
-            continue
-        deps = set()
-        for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                if node.level == 1:
-                    deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-                elif node.level == 0 and (node.module or "").split(".")[0] == "orchestrator":
-                    rest = node.module.split(".")[1:]
-                    deps.update(rest[:1] if rest else [a.name for a in node.names])
-            elif isinstance(node, ast.Import):
-                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("orchestrator."))
-        graph[p.stem] = {d for d in deps if d in modules and d != p.stem}
-    return graph
+    return package_import_graph(PKG)
 
 
 def layer_of() -> dict[str, int]:

@@ -7,22 +7,26 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "trainables"
 
 
-def import_graph() -> dict[str, set[str]]:
-    """trainables module -> the trainables modules it imports anywhere in its file (``from . import x``,
-    ``from .x import y``, ``import trainables.x``, ``from trainables.x import y``)."""
-    modules = {p.stem for p in PKG.glob("*.py")}
+def import_graph(pkg: Path = PKG) -> dict[str, set[str]]:
+    """module of the package ``pkg`` -> the package's modules it imports anywhere in its file (``from . import x``,
+    ``from .x import y``, ``import pkg.x``, ``from pkg.x import y``). ``__init__`` is left out: nothing imports it
+    by name, so it can close no cycle."""
+    name = pkg.name
+    modules = {p.stem for p in pkg.glob("*.py")} - {"__init__"}
     graph = {}
-    for p in PKG.glob("*.py"):
+    for p in pkg.glob("*.py"):
+        if p.stem == "__init__":
+            continue
         deps = set()
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom):
                 if node.level == 1:
                     deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-                elif node.level == 0 and (node.module or "").startswith("trainables"):
+                elif node.level == 0 and (node.module or "").split(".")[0] == name:
                     rest = node.module.split(".")[1:]
                     deps.update(rest[:1] if rest else [a.name for a in node.names])
             elif isinstance(node, ast.Import):
-                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("trainables."))
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith(name + "."))
         graph[p.stem] = {d for d in deps if d in modules and d != p.stem}
     return graph
 
