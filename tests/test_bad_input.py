@@ -284,6 +284,10 @@ CASES = [
     Case("run: oom policy", "wrong type", RUN_TINY + ["--set", "train.oom=retry"], ["--set train.oom", "halve_batch"]),
     Case("run: attention kernel", "wrong type", RUN_TINY + ["--set", "model.attention=flash"],
          ["--set model.attention", "'eager' or 'sdpa'"]),
+    Case("temporalwiki: filter unknown", "wrong type", TEMPORALWIKI + ["--set", "temporalwiki.filter=talm"],
+         ["--set temporalwiki.filter", "'none' or 'taalm'"]),
+    Case("temporalwiki: long_docs unknown", "wrong type", TEMPORALWIKI + ["--set", "temporalwiki.long_docs=split"],
+         ["--set temporalwiki.long_docs", "'truncate' or 'chunk'"]),
     Case("run: micro-batch 0", "out of range", RUN_TINY + ["--set", "train.micro_batch_size=0"],
          ["--set train.micro_batch_size", "greater than or equal to 1"]),
     Case("run: SEEKR with fused attention", "out of range",
@@ -343,6 +347,14 @@ CASES = [
          prep=study_dir(None)),
     Case("report: --epochs 0", "out of range", ["report", "{T}/study", "--epochs", "0"], ["--epochs"],
          prep=study_dir(None)),
+    Case("report: --nf-epoch -1", "out of range", ["report", "{T}/study", "--nf-epoch", "-1"], ["--nf-epoch"],
+         prep=study_dir(None)),
+    Case("temporalwiki: max_docs_per_period 0", "out of range",
+         TEMPORALWIKI + ["--set", "temporalwiki.max_docs_per_period=0"],
+         ["--set temporalwiki.max_docs_per_period", "greater than or equal to 1"]),
+    Case("temporalwiki: diff_size and max_docs_per_period differ", "out of range",
+         TEMPORALWIKI + ["--set", "temporalwiki.max_docs_per_period=8", "--set", "temporalwiki.diff_size=4"],
+         ["temporalwiki", "give max_docs_per_period (diff_size is its former name), not both"]),
     Case("ui: --port in use", "out of range", ["ui", "{T}/study", "--port", str(BUSY_PORT)],
          ["--port", f"127.0.0.1:{BUSY_PORT} is in use"], prep=sqlite_study),
     Case("tailor: pool size 0", "out of range", ["data", "tailor", "--model", "tiny", "--out", "{T}/t",
@@ -540,7 +552,7 @@ CASES = [
          ["data.split", "TO-LEARN set is empty", "data.max_doc_tokens"]),
 ]
 
-N_CASES = 143
+N_CASES = 148
 CATEGORIES = {"yaml syntax", "unknown key", "wrong type", "out of range", "empty", "unknown name", "missing file",
               "malformed jsonl", "corrupt checkpoint", "not utf-8", "duplicate key"}
 
