@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
-from trainables.errors import InputError
+from trainables.errors import InputError, first_line
 
 from .storage import Storage
 
@@ -170,7 +170,7 @@ def _read_marker(uri: str, parts: tuple) -> Optional[str]:
     try:
         raw = Storage(uri).read_bytes(*parts)
     except Exception as e:  # noqa: BLE001 (any error is the answer: this node cannot read the storage)
-        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return f"error: {type(e).__name__}: {first_line(e)}"
     return None if raw is None else raw.decode(errors="replace")
 
 
@@ -188,7 +188,7 @@ def check_storage(storage: Storage, where: str = "storage", timeout_s: float = 6
         storage.write_bytes(token.encode(), *parts)
     except Exception as e:  # noqa: BLE001
         raise InputError(where, f"{storage}: the driver cannot write there ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+                                f"{first_line(e, 300)})") from None
     try:
         task = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
         refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False),

@@ -38,6 +38,8 @@ from typing import Optional
 
 from ray.exceptions import RayActorError
 
+from trainables.errors import first_line
+
 _log = logging.getLogger("ray.taalm")
 
 
@@ -298,7 +300,7 @@ def describe_disk_error(exc: BaseException, fallback_path: Optional[str] = None)
         path = exc.filename or fallback_path or "?"
         return str(storage_error(exc, str(path), path))
     path = fallback_path or "?"
-    what = next((t for t in _SQLITE_TEXT if t in str(exc)), str(exc).splitlines()[0][:200])
+    what = next((t for t in _SQLITE_TEXT if t in str(exc)), first_line(exc))
     return f"cannot write {path}: {what} ({free_space(path)})"
 
 

@@ -57,9 +57,6 @@ class Loaded:
     def name(self) -> str:
         return self.spec.spec.name
 
-    def headline(self) -> str:
-        return f"{self.name}: {self.kind.headline(self.spec)}"
-
     def run(self, options: StudyOptions) -> dict:
         return self.kind.run(self.spec, options)
 

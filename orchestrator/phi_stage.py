@@ -18,7 +18,7 @@ from .mlflow_store import meta_params
 from .ray_trainables import trial_driver
 from .session import OpenStudy
 from .specs import TrialSpec
-from .storage import phi_published, publish_phi
+from .storage import phi_published, phi_trained, publish_phi
 
 
 def phi_cache_dir(meta_cfg: dict) -> Path:
@@ -101,12 +101,6 @@ def phi_location(meta_cfg: dict, seed: int, data_hash: str) -> tuple[str, Path]:
     return key, phi_cache_dir({"cfg": cfg, "data_hash": data_hash})
 
 
-def phi_trained(d: Path) -> bool:
-    """φ's cache directory holds a finished meta-training (OUT/phi is written at every better check, so it exists
-    mid-training too; meta_metrics.json only at the end)."""
-    return (d / "phi" / "phi.json").is_file() and (d / "meta_metrics.json").is_file()
-
-
 def _clear_phi_cache(d: Path) -> None:
     import shutil
 
@@ -150,7 +144,7 @@ def run_meta_stage(s: OpenStudy, spec: GridSpec, trials: list[Trial], meta_cfg: 
 
     retrain, cpus, study, storage = s.options.retrain_phi, s.cpus, s.study, s.storage
     data_hash = meta_data_hash(meta_cfg)
-    phis, keys, todo, info = {}, {}, [], {}
+    phis, keys, todo, info, meta_cpus = {}, {}, [], {}, None
     for seed in meta_seeds(spec, trials, meta_cfg):
         cfg = dict(meta_cfg, seed=seed)
         key, d = phi_location(meta_cfg, seed, data_hash)
@@ -175,7 +169,8 @@ def run_meta_stage(s: OpenStudy, spec: GridSpec, trials: list[Trial], meta_cfg: 
             publish_phi(storage, d.name, d)
             continue
         # not yet, or interrupted: the meta trial continues from its node's checkpoint (or Tune's, when retried)
-        meta_cpus = meta_cpu_request(spec.resources, cpus, alive_nodes() if cpus is None else None)
+        if meta_cpus is None:  # the same for every seed: the nodes asked once
+            meta_cpus = meta_cpu_request(spec.resources, cpus, alive_nodes() if cpus is None else None)
         todo.append(TrialSpec(kind="meta", trial_key=key, label=meta_label(seed), config=cfg, phi_dir=str(d),
                               phi_key=d.name, storage=storage.uri, storage_path=storage.join("train"),
                               inject_fault=s.faults.get(meta_label(seed)),

@@ -25,7 +25,3 @@ class Progress:
 
     def close(self) -> None:
         """The study is over (or stopped): stop drawing."""
-
-
-def progress_or_default(progress) -> Progress:
-    return progress if progress is not None else Progress()

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from trainables.loop import UNIT, Callback, Report
+from trainables.loop import UNIT, Callback, Report, peak_rss_gb
 
 from .faults import FAULT_ENV
 from .specs import TrialSpec
@@ -131,7 +131,7 @@ class TrialSession(Callback):
         if "restored" in self.once:
             metrics["restored"] = self.once.pop("restored")
         metrics.update(self.once.pop("placement", {}))
-        metrics["peak_rss_gb"] = _peak_rss_gb()  # this process's peak so far (orchestrator/memory.py's estimate)
+        metrics["peak_rss_gb"] = peak_rss_gb()  # this process's peak so far (orchestrator/memory.py's estimate)
         if r.checkpoint_dir and self.session.rank == 0:
             # the reported directory holds "checkpoint/", so a restore lands where the loop looks
             with _writes(f"the checkpoint of {UNIT[r.kind]} {r.index} to {{path}}", r.checkpoint_dir):
@@ -172,12 +172,6 @@ def placed_device(spec: TrialSpec) -> tuple[str, dict]:
             f"(torch {torch.__version__}: {why}): running on the CPU")
     logging.getLogger(__name__).warning(note)
     return "cpu", {**placed, "device": "cpu", "device_note": note}
-
-
-def _peak_rss_gb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)  # KiB on Linux
 
 
 class _writes:

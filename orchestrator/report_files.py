@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainables.files import write_bytes_atomic
+
 from .mlflow_views import DEFAULT_ORDER, has_trials_view, study_run, view_links
 from .report import (LAMA_COLUMNS, LAMA_HEADERS, PER_FACT_FORMAT, TW_COLUMNS, TW_HEADERS, at_horizon, collect,
                      learning, not_learned_note, paired_differences, pareto_front, study_objectives, study_protocol,
@@ -177,10 +179,8 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, baseline: st
     pq.write_table(t, out_dir / "table.parquet")
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k not in ("curves", "per_fact")}
                                          for r in rows]), out_dir / "trials.parquet")
-    tmp = out_dir / "per_fact.json.tmp"
-    tmp.write_text(json.dumps({"format": PER_FACT_FORMAT, "trials": [
-        {k: r[k] for k in ("label", "seed", "status", "per_fact")} for r in rows if r.get("per_fact")]}))
-    tmp.replace(out_dir / "per_fact.json")
+    write_bytes_atomic(out_dir / "per_fact.json", json.dumps({"format": PER_FACT_FORMAT, "trials": [
+        {k: r[k] for k in ("label", "seed", "status", "per_fact")} for r in rows if r.get("per_fact")]}).encode())
     if diffs:
         pacsv.write_csv(pa.Table.from_pylist([{k: v for k, v in d.items() if k != "facts"} for d in diffs]),
                         out_dir / "paired.csv")

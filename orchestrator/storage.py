@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 from urllib.parse import parse_qsl, urlencode
 
-from trainables.errors import InputError
+from trainables.errors import InputError, first_line
+from trainables.files import write_bytes_atomic
 
 MANIFEST = "manifest.json"
 
@@ -54,7 +52,7 @@ class Storage:
             pafs.FileSystem.from_uri(value)
         except Exception as e:  # noqa: BLE001 (pyarrow raises ValueError, ArrowInvalid, OSError... for a bad URI)
             raise InputError(where, f"{_mask(value)}: not a storage pyarrow can open ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:300]}); use a path every node mounts, or "
+                                    f"{first_line(e, 300)}); use a path every node mounts, or "
                                     "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX") from None
         return cls(value)
 
@@ -97,16 +95,7 @@ class Storage:
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """The whole file appears at once (a temporary sibling renamed; one request on an object store)."""
         if self.local:
-            target = Path(self.join(*parts))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            write_bytes_atomic(self.join(*parts), data)
             return
         fs, path = self.filesystem(*parts)
         with fs.open_output_stream(path) as f:
@@ -213,6 +202,12 @@ PHI_FILES = ("phi.json", "phi.safetensors")  # φ itself (trainables.train_atten
 PHI_EXTRAS = ("meta_metrics.json", "heatmap.html")  # what the meta stage says about it
 
 
+def phi_trained(d: Path) -> bool:
+    """This node's φ cache directory ``d`` holds a finished meta-training (OUT/phi is written at every better check,
+    so it exists mid-training too; meta_metrics.json only at the end)."""
+    return (d / "phi" / "phi.json").is_file() and (d / "meta_metrics.json").is_file()
+
+
 def phi_published(storage: Storage, key: str) -> bool:
     """A finished φ is under ``phi/<key>`` (its top manifest is written last)."""
     m = storage.manifest("phi", key)
@@ -245,9 +240,7 @@ def fetch_phi(storage: Storage, key: str, local: Path) -> Path:
             if not local_copy_matches(local, {"files": {name: top["files"][name]}}):
                 data = storage.read_bytes("phi", key, name)
                 if data is not None:
-                    tmp = local / f".{name}.tmp"
-                    tmp.write_bytes(data)
-                    os.replace(tmp, local / name)
+                    write_bytes_atomic(local / name, data)
     return local / "phi"
 
 

@@ -16,7 +16,7 @@ from trainables.loop import UNIT
 
 from .faults import failure_reason, retry_line
 from .mlflow_store import RUNNING_TAG, Study, terminate
-from .storage import Storage, fetch_phi
+from .storage import Storage, fetch_phi, phi_trained
 
 SUMMARY = ("top_acc", "top_epoch", "nf_acc", "total_knowledge", "avg_changed_ppl", "avg_unchanged_ppl")
 CURVES = ("to_learn_acc", "ntf_acc", "to_learn_em", "ntf_em", "train_loss", "mean_weight", "changed_ppl",
@@ -194,7 +194,7 @@ class MlflowTrials(tune.Callback):
         else:
             self.study.client.log_dict(rid, meta["config"], "meta_config.json")
             phi = Path(meta["tags"].get("taalm.phi_dir", ""))
-            if meta.get("phi") and not phi_trained_here(phi.parent):  # trained on another node: from the storage
+            if meta.get("phi") and not phi_trained(phi.parent):  # trained on another node: from the storage
                 uri, phi_key, local = meta["phi"]
                 try:
                     fetch_phi(Storage(uri), phi_key, Path(local))
@@ -253,7 +253,3 @@ def learning_curve_figure(curves: dict[str, dict[int, float]], title: str):
     fig.tight_layout()
     return fig
 
-
-def phi_trained_here(d: Path) -> bool:
-    """This machine's φ cache directory ``d`` holds a finished meta-training (φ and meta_metrics.json)."""
-    return (d / "phi" / "phi.json").is_file() and (d / "meta_metrics.json").is_file()

@@ -72,3 +72,11 @@ def test_an_exception_raised_in_a_ray_task_reaches_the_driver_with_its_message(r
         assert str(cls(*args)) in str(got.value), (name, str(got.value)[-500:])
         cause = got.value.as_instanceof_cause() if hasattr(got.value, "as_instanceof_cause") else got.value
         assert isinstance(cause, cls), (name, type(cause).__mro__)
+
+
+def test_first_line_of_an_empty_message_is_empty():
+    """The one helper that shortens an error to its first line (storage, cluster, faults, the step's OOM retry):
+    an exception without a message gives '' instead of an IndexError inside the error path."""
+    from trainables.errors import first_line
+
+    assert first_line(ValueError()) == "" and first_line(OSError("a\nb")) == "a" and first_line("x" * 9, 4) == "xxxx"

@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from .data import Fact
 from .encode import collate, encode_document
+from .errors import first_line
 from .functional_optim import detach_state
 from .loss import prediction_mask, token_nll, weighted_loss
 from .metrics import EncodedProbe, encode_probe, mean
@@ -272,7 +273,7 @@ def meta_gradient(inner: Inner, phi: TrainAttention, batch: Sequence[MetaExample
             except NOT_A_VMAP_LIMIT:  # out of memory, a CUDA error: the run's failure, not vmap's (never swallowed)
                 raise
             except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
-                reason = f"vmap failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                reason = f"vmap failed ({type(e).__name__}: {first_line(e)})"
                 inner.batching_off = reason
         if reason not in inner.logged:
             inner.logged.add(reason)

@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError, read_text
+from .errors import InputError, first_line, read_text
+from .files import write_bytes_atomic
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 EXTRA = "extra.safetensors"
@@ -78,7 +79,7 @@ def disk_errno(exc: BaseException) -> Optional[int]:
 
 def storage_error(exc: OSError, what: str, path) -> StorageError:
     """'cannot write WHAT: WHY (N GB free on DIR)'; ``what`` names the path (``{path}`` is filled in)."""
-    why = exc.strerror or str(exc).splitlines()[0][:200]
+    why = exc.strerror or first_line(exc)
     return StorageError(f"cannot write {what.replace('{path}', str(path))}: {why} ({free_space(path)})")
 
 
@@ -101,16 +102,7 @@ def _refused_as_storage_error(what: str, path):
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     with _refused_as_storage_error(str(path), path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)  # a write cut short (disk full) leaves no temporary file behind
-            raise
+        write_bytes_atomic(path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 @contextmanager

@@ -20,6 +20,11 @@ class InputError(Exception):
         return f"{self.where}: {self.message}" if self.where else self.message
 
 
+def first_line(error, limit: int = 200) -> str:
+    """The first line of an exception's message (or of a text), at most ``limit`` characters; '' for an empty one."""
+    return (str(error).splitlines() or [""])[0][:limit]
+
+
 def read_text(path) -> str:
     """A file the user gave us, decoded as UTF-8; a file that is not UTF-8 text (a binary passed by
     mistake, a Latin-1 export) is an InputError naming the file, the line and the byte offset."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from .errors import InputError
+from .files import write_bytes_atomic
 
 ReportKind = Literal["epoch", "check", "period"]
 # what a report's index counts, for messages and tags
@@ -109,9 +110,7 @@ class EpochLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_epochs(self.path) if r.get("index", 1e9) < start_epoch] if start_epoch else []
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_bytes_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -135,14 +134,19 @@ def read_epochs(path: Path) -> list[dict]:
     return out
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (``ru_maxrss`` is KiB on Linux)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
+
+
 def device_memory(device) -> dict:
     """The device's peak memory since the last call (CUDA: allocated and reserved by PyTorch's allocator, then the
     peak is reset) and the process's peak resident memory, in GB."""
-    import resource
-
     import torch
 
-    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)}
+    out = {"peak_rss_gb": peak_rss_gb()}
     if torch.device(device).type == "cuda":
         out.update(gpu_peak_allocated_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3),
                    gpu_peak_reserved_gb=round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 3))

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .encode import EncodedDoc, collate
+from .errors import first_line
 from .loss import EPS, token_nll, weighted_loss
 from .precision import autocast  # noqa: F401 (re-exported: the loops take it from here)
 from .weighting import WeightContext
@@ -216,7 +217,7 @@ class MicroBatching:
             try:
                 return fn(None if self.size >= self.batch_size else self.size)
             except torch.OutOfMemoryError as e:
-                failed = str(e).splitlines()[0][:200]
+                failed = first_line(e)
             width = max((len(d.input_ids) for d in docs), default=0)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
